@@ -1,0 +1,104 @@
+"""The Litestar application: routes, guards, error mapping, OpenAPI."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import structlog
+from litestar import Litestar, MediaType, Request, Response, Router, get
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from sqlalchemy import text
+
+from control_plane.agents import AgentConflict
+from control_plane.api.agent import AgentController
+from control_plane.api.auth import require_api_key
+from control_plane.api.events import EventController
+from control_plane.api.instances import InstanceController, InstanceExists
+from control_plane.api.schemas import Health
+from control_plane.providers import UnknownOffer
+from control_plane.queries import BadCursor, NotFound
+
+if TYPE_CHECKING:
+    from control_plane.runtime import Runtime
+
+log = structlog.get_logger(__name__)
+
+
+@get("/healthz", summary="Liveness", tags=["health"])
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@get("/readyz", summary="Readiness: Postgres and Redis answer", tags=["health"])
+async def readyz(request: Request) -> Response[Health]:
+    runtime = request.app.state.runtime
+    checks: dict[str, str] = {}
+    try:
+        async with runtime.sessions() as session:
+            await session.execute(text("SELECT 1"))
+        checks["postgres"] = "ok"
+    except Exception as exc:
+        checks["postgres"] = f"error: {type(exc).__name__}"
+    try:
+        await runtime.redis.ping()
+        checks["redis"] = "ok"
+    except Exception as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    ok = all(v == "ok" for v in checks.values())
+    return Response(Health(status="ok" if ok else "unavailable", checks=checks),
+                    status_code=200 if ok else 503)
+
+
+def _error(status: int, detail: str, extra: list | None = None) -> Response:
+    body = {"status_code": status, "detail": detail}
+    if extra:
+        body["extra"] = extra
+    return Response(body, status_code=status, media_type=MediaType.JSON)
+
+
+def _not_found(_: Request, exc: NotFound) -> Response:
+    return _error(404, str(exc))
+
+
+def _conflict(_: Request, exc: Exception) -> Response:
+    return _error(409, str(exc))
+
+
+def _bad_request(_: Request, exc: Exception) -> Response:
+    field = "cursor" if isinstance(exc, BadCursor) else "instance_type"
+    return _error(400, str(exc), [{"key": field, "message": str(exc)}])
+
+
+def _internal(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return _error(exc.status_code, exc.detail, getattr(exc, "extra", None) or None)
+    log.exception("Request failed", path=request.url.path, method=request.method)
+    return _error(500, "internal server error")
+
+
+def create_app(runtime: Runtime) -> Litestar:
+    admin = Router(path="/", route_handlers=[InstanceController, EventController],
+                   guards=[require_api_key])
+    app = Litestar(
+        route_handlers=[healthz, readyz, admin, AgentController],
+        exception_handlers={
+            NotFound: _not_found,
+            InstanceExists: _conflict,
+            AgentConflict: _conflict,
+            UnknownOffer: _bad_request,
+            BadCursor: _bad_request,
+            ValidationException: _internal,
+            Exception: _internal,
+        },
+        openapi_config=OpenAPIConfig(
+            title="GPU control plane", version="1", path="/schema",
+            render_plugins=[JsonRenderPlugin()],
+            description="Admin API: send `Authorization: Bearer <API key>`.",
+        ),
+        request_max_body_size=1024 * 1024,
+        debug=False,
+    )
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,83 @@
+"""`GET /v1/events`: the live feed over Server-Sent Events, resumable with `Last-Event-ID`.
+
+A client that reconnects with the id of the last event it saw receives every later event
+exactly once: the handler subscribes to the hub first, then replays stored events after that
+id, then streams live ones, skipping any id it already sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from litestar import Controller, Request, get
+from litestar.exceptions import ValidationException
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
+
+from control_plane.feed.hub import FeedEvent, FeedFilter, FeedHub
+
+_BACKFILL_PAGE = 1000
+
+
+class EventController(Controller):
+    path = "/v1/events"
+    tags = ["events"]
+
+    @get("/", summary="Live event feed (text/event-stream)")
+    async def stream(
+        self, request: Request,
+        instance_id: uuid.UUID | None = None,
+        type: Annotated[list[str] | None, Parameter(description="Event type or prefix* (repeatable)")] = None,
+        last_event_id_header: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
+        last_event_id: Annotated[int | None, Parameter(ge=0, description="Resume after this id (for clients that cannot set the header)")] = None,
+    ) -> ServerSentEvent:
+        resume = last_event_id
+        if last_event_id_header is not None:
+            try:
+                resume = int(last_event_id_header)
+            except ValueError:
+                raise ValidationException("Last-Event-ID must be an event id (an integer)") from None
+        types = tuple(t for raw in type or [] for t in raw.split(",") if t)
+        runtime = request.app.state.runtime
+        feed = _feed(runtime.hub, FeedFilter(instance_id, types), resume,
+                     runtime.settings.sse_keepalive_seconds)
+        return ServerSentEvent(feed, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _feed(hub: FeedHub, feed_filter: FeedFilter, resume: int | None,
+                keepalive: float) -> AsyncIterator[ServerSentEventMessage]:
+    sub = hub.subscribe(feed_filter)
+    try:
+        last = hub.position if resume is None else resume
+        yield ServerSentEventMessage(comment="connected")
+        if resume is not None:
+            while True:
+                events = await hub.fetch_since(last, feed_filter, _BACKFILL_PAGE)
+                for event in events:
+                    yield _message(event)
+                    last = event.id
+                if len(events) < _BACKFILL_PAGE:
+                    break
+        while True:
+            if sub.overflowed and sub.queue.empty():
+                return  # too slow: the client reconnects with Last-Event-ID
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), keepalive)
+            except TimeoutError:
+                yield ServerSentEventMessage(comment="keep-alive")
+                continue
+            if event is None:
+                return  # server shutting down
+            if event.id <= last:
+                continue
+            yield _message(event)
+            last = event.id
+    finally:
+        hub.unsubscribe(sub)
+
+
+def _message(event: FeedEvent) -> ServerSentEventMessage:
+    return ServerSentEventMessage(data=event.as_json(), event=event.type, id=str(event.id))

@@ -1,0 +1,141 @@
+"""Admin routes for instances: thin handlers over commands (writes) and queries (reads)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from litestar import Controller, Request, delete, get, post
+from litestar.params import Parameter
+
+from control_plane import queries
+from control_plane.api.schemas import (
+    Accepted,
+    ActionPage,
+    CreateInstanceBody,
+    HistoryPage,
+    InstanceOut,
+    InstancePage,
+    ReasonBody,
+    VolumePage,
+)
+from control_plane.commands.producer import publish
+from control_plane.commands.schema import (
+    CreateInstance,
+    CreatePayload,
+    DrainInstance,
+    DrainPayload,
+    TerminateInstance,
+    TerminatePayload,
+)
+from control_plane.lifecycle.states import Status
+
+Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size")]
+Cursor = Annotated[str | None, Parameter(max_length=200, description="`next` of the previous page")]
+
+
+class InstanceController(Controller):
+    path = "/v1/instances"
+    tags = ["instances"]
+
+    @post("/", status_code=202, summary="Request a GPU instance")
+    async def create(self, request: Request, data: CreateInstanceBody) -> Accepted:
+        runtime = request.app.state.runtime
+        await runtime.providers.validate(data.provider, data.instance_type, data.zone)
+        command_id = f"api:create:{data.idempotency_key or uuid.uuid4()}"
+        command = CreateInstance(version=1, id=command_id, payload=CreatePayload(
+            provider=data.provider, instance_type=data.instance_type, model=data.model,
+            zone=data.zone, labels=data.labels, instance_id=data.instance_id))
+        if data.instance_id is not None:
+            await _ensure_new(runtime, data.instance_id, command_id)
+        await publish(runtime.redis, runtime.settings.command_stream, command)
+        return Accepted(id=command.instance_id, command_id=command_id)
+
+    @get("/", summary="List instances")
+    async def list(
+        self, request: Request,
+        status: Annotated[list[Status] | None, Parameter(description="Filter by status (repeatable)")] = None,
+        provider: Annotated[str | None, Parameter(max_length=32)] = None,
+        label: Annotated[list[str] | None, Parameter(description="key=value (repeatable)")] = None,
+        limit: Limit = 100, cursor: Cursor = None,
+    ) -> InstancePage:
+        labels = dict(_label(v) for v in label or [])
+        async with request.app.state.runtime.sessions() as session:
+            return await queries.list_instances(
+                session, statuses=[s.value for s in status or []], provider=provider,
+                labels=labels, limit=limit, cursor=cursor)
+
+    @get("/{instance_id:uuid}", summary="Show an instance with its status, progress and phase")
+    async def show(self, request: Request, instance_id: uuid.UUID) -> InstanceOut:
+        async with request.app.state.runtime.sessions() as session:
+            return await queries.get_instance(session, instance_id)
+
+    @get("/{instance_id:uuid}/history", summary="State changes, oldest first")
+    async def history(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+                      cursor: Cursor = None) -> HistoryPage:
+        async with request.app.state.runtime.sessions() as session:
+            return await queries.history(session, instance_id, limit, cursor)
+
+    @get("/{instance_id:uuid}/actions", summary="Actions with durations and errors, oldest first")
+    async def actions(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+                      cursor: Cursor = None) -> ActionPage:
+        async with request.app.state.runtime.sessions() as session:
+            return await queries.actions(session, instance_id, limit, cursor)
+
+    @get("/{instance_id:uuid}/volumes", summary="Volumes and what became of them")
+    async def volumes(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+                      cursor: Cursor = None) -> VolumePage:
+        async with request.app.state.runtime.sessions() as session:
+            return await queries.volumes(session, instance_id, limit, cursor)
+
+    @post("/{instance_id:uuid}/drain", status_code=202, summary="Drain, then terminate")
+    async def drain(self, request: Request, instance_id: uuid.UUID,
+                    data: ReasonBody | None = None) -> Accepted:
+        runtime = request.app.state.runtime
+        await _ensure_exists(runtime, instance_id)
+        command_id = f"api:drain:{uuid.uuid4()}"
+        await publish(runtime.redis, runtime.settings.command_stream, DrainInstance(
+            version=1, id=command_id,
+            payload=DrainPayload(instance_id=instance_id, reason=(data and data.reason) or "Drain requested via API")))
+        return Accepted(id=instance_id, command_id=command_id)
+
+    @delete("/{instance_id:uuid}", status_code=202, summary="Terminate")
+    async def terminate(self, request: Request, instance_id: uuid.UUID) -> Accepted:
+        runtime = request.app.state.runtime
+        await _ensure_exists(runtime, instance_id)
+        command_id = f"api:terminate:{uuid.uuid4()}"
+        await publish(runtime.redis, runtime.settings.command_stream, TerminateInstance(
+            version=1, id=command_id,
+            payload=TerminatePayload(instance_id=instance_id, reason="Termination requested via API")))
+        return Accepted(id=instance_id, command_id=command_id)
+
+
+class InstanceExists(Exception):
+    """An instance with this id exists already."""
+
+
+def _label(value: str) -> tuple[str, str]:
+    from litestar.exceptions import ValidationException
+
+    key, sep, val = value.partition("=")
+    if not sep or not key:
+        raise ValidationException(f"label filter {value!r} is not key=value",
+                                  extra=[{"key": "label", "message": "expected key=value"}])
+    return key, val
+
+
+async def _ensure_exists(runtime, instance_id: uuid.UUID) -> None:
+    async with runtime.sessions() as session:
+        await queries.get_instance(session, instance_id)
+
+
+async def _ensure_new(runtime, instance_id: uuid.UUID, command_id: str) -> None:
+    """A client-chosen id must be new, unless this very request created it (a retry)."""
+    from sqlalchemy import text
+
+    async with runtime.sessions() as session:
+        creator = (await session.execute(
+            text("SELECT created_by_command FROM instances WHERE id = :id"),
+            {"id": instance_id})).one_or_none()
+    if creator is not None and creator[0] != command_id:
+        raise InstanceExists(f"instance {instance_id} already exists")

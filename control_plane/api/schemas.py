@@ -1,0 +1,146 @@
+"""Request and response bodies of the REST API (msgspec: validated at the edge)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from control_plane.commands.schema import CommandId, Labels, Model, Name, Provider, Reason
+
+
+class CreateInstanceBody(msgspec.Struct, forbid_unknown_fields=True):
+    provider: Provider
+    instance_type: Name
+    model: Model
+    zone: Name | None = None
+    labels: Labels = {}
+    instance_id: uuid.UUID | None = None
+    idempotency_key: CommandId | None = None
+    """Repeating a request with the same key creates one instance (same `id` answered)."""
+
+
+class ReasonBody(msgspec.Struct, forbid_unknown_fields=True):
+    reason: Reason | None = None
+
+
+class Accepted(msgspec.Struct):
+    id: uuid.UUID
+    command_id: str
+
+
+class AgentInfo(msgspec.Struct):
+    version: str | None
+    build_date: str | None
+    checksum: str | None
+
+
+class InstanceOut(msgspec.Struct):
+    id: uuid.UUID
+    provider: str
+    zone: str | None
+    instance_type: str
+    model: str
+    labels: dict[str, str]
+    status: str
+    desired_state: str
+    progress: int
+    phase: str | None
+    provider_instance_id: str | None
+    ip: str | None
+    failure_reason: str | None
+    agent: AgentInfo
+    last_heartbeat_at: datetime | None
+    metrics: dict[str, Any] | None
+    created_at: datetime
+    updated_at: datetime
+    status_changed_at: datetime
+    ready_at: datetime | None
+    terminated_at: datetime | None
+
+
+class HistoryItem(msgspec.Struct):
+    id: int
+    from_status: str | None
+    to_status: str
+    transition: str
+    reason: str | None
+    actor: str
+    at: datetime
+
+
+class ActionItem(msgspec.Struct):
+    id: int
+    action_type: str
+    status: str
+    started_at: datetime
+    finished_at: datetime | None
+    duration_ms: int | None
+    error: str | None
+    metadata: dict[str, Any]
+
+
+class VolumeItem(msgspec.Struct):
+    id: int
+    provider_volume_id: str
+    volume_type: str
+    size_gb: int
+    is_boot: bool
+    delete_on_terminate: bool
+    status: str
+    discovered_at: datetime
+    deleted_at: datetime | None
+
+
+class InstancePage(msgspec.Struct):
+    items: list[InstanceOut]
+    next: str | None
+
+
+class HistoryPage(msgspec.Struct):
+    items: list[HistoryItem]
+    next: str | None
+
+
+class ActionPage(msgspec.Struct):
+    items: list[ActionItem]
+    next: str | None
+
+
+class VolumePage(msgspec.Struct):
+    items: list[VolumeItem]
+    next: str | None
+
+
+AgentPhase = Literal["engine_started", "model_loaded", "warmup_done", "health_check_passed", "failed"]
+ShortText = Annotated[str, msgspec.Meta(max_length=4000)]
+
+
+class AgentProgressBody(msgspec.Struct):
+    phase: AgentPhase
+    message: ShortText | None = None
+
+
+class AgentReportAnswer(msgspec.Struct):
+    accepted: bool
+    status: str
+
+
+class AgentInfoBody(msgspec.Struct):
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    build_date: Annotated[str, msgspec.Meta(max_length=32)]
+    checksum: Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class HeartbeatBody(msgspec.Struct):
+    agent_info: AgentInfoBody
+    engine: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    sent_at: datetime | None = None
+
+
+class Health(msgspec.Struct):
+    status: str
+    checks: dict[str, str] = {}

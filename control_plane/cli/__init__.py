@@ -1,0 +1,157 @@
+"""The `control-plane` command: run the service (`up`) and talk to it (`instances ...`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from control_plane.cli.client import instances_app
+from control_plane.settings import Settings, SettingsError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Control plane for GPU inference fleets running vLLM.")
+apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
+app.add_typer(apikey_app, name="apikey")
+app.add_typer(instances_app, name="instances")
+
+ADMIN_KEY_FILE = "admin-api-key"
+
+
+@app.command()
+def up(
+    host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1, CP_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind (default 8000, CP_PORT)")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+    json_logs: Annotated[bool, typer.Option("--json-logs", help="Log JSON lines")] = False,
+) -> None:
+    """Run the API, command consumer, lifecycle workers and scheduler in one process."""
+    from control_plane.logs import configure
+
+    configure(log_level.upper(), json=json_logs)
+    settings = _settings(host=host, port=port)
+    asyncio.run(_up(settings))
+
+
+@app.command()
+def migrate() -> None:
+    """Apply database migrations and exit (`up` also does this on start)."""
+    settings = _settings()
+
+    async def run() -> None:
+        from control_plane.db.engine import upgrade
+
+        services, bootstrap = await _services(settings)
+        try:
+            await asyncio.to_thread(upgrade, services.database_url)
+        finally:
+            await bootstrap.stop()
+
+    asyncio.run(run())
+    typer.echo("Database is at the latest migration.")
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Option(help="Who or what the key is for")],
+    read_only: Annotated[bool, typer.Option("--read-only", help="May only read")] = False,
+) -> None:
+    """Create an API key; it is printed once, on the last line, and stored only hashed."""
+    settings = _settings()
+
+    async def run() -> str:
+        from control_plane.db.engine import make_engine, make_sessionmaker, upgrade
+        from control_plane.runtime import create_api_key
+
+        services, bootstrap = await _services(settings)
+        engine = make_engine(services.database_url, pool_size=1)
+        try:
+            await asyncio.to_thread(upgrade, services.database_url)
+            return await create_api_key(make_sessionmaker(engine), name,
+                                        ["read"] if read_only else ["admin"])
+        finally:
+            await engine.dispose()
+            await bootstrap.stop()
+
+    key = asyncio.run(run())
+    typer.echo(f"Created {'read-only' if read_only else 'admin'} API key {name!r}. It is shown only once:",
+               err=True)
+    typer.echo(key)
+
+
+def _settings(**overrides) -> Settings:
+    try:
+        return Settings.from_env(**overrides)
+    except SettingsError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+async def _services(settings: Settings):
+    from control_plane.services_bootstrap import ServicesBootstrap
+
+    bootstrap = ServicesBootstrap(Path(settings.data_dir), database_url=settings.database_url,
+                                  redis_url=settings.redis_url)
+    return await bootstrap.start(), bootstrap
+
+
+async def _up(settings: Settings) -> None:
+    import structlog
+    import uvicorn
+
+    from control_plane.api.app import create_app
+    from control_plane.runtime import Runtime
+
+    log = structlog.get_logger("control_plane")
+    services, bootstrap = await _services(settings)
+    runtime = Runtime(settings, services.database_url, services.redis_url)
+    try:
+        await runtime.start()
+        new_key = await runtime.seed_admin_key()
+        server = uvicorn.Server(uvicorn.Config(
+            create_app(runtime), host=settings.host, port=settings.port, log_config=None,
+            access_log=False, lifespan="off"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        serving = asyncio.create_task(server._serve())  # serve() minus its signal capture
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if serving.done():
+            await serving  # raises the bind error
+            return
+        _announce(settings, services.embedded, new_key)
+        log.info("Control plane started", url=f"http://{settings.host}:{settings.port}")
+        await serving
+    finally:
+        await runtime.stop()
+        await bootstrap.stop()
+
+
+def _announce(settings: Settings, embedded: list[str], new_key: str | None) -> None:
+    url = f"http://{settings.host}:{settings.port}"
+    key_file = Path(settings.data_dir) / ADMIN_KEY_FILE
+    lines = [f"Control plane listening on {url}  (OpenAPI: {url}/schema/openapi.json)"]
+    lines += [f"Using {note}" for note in embedded]
+    if new_key:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            key_file.unlink()
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(new_key + "\n")
+        lines += ["First start: an admin API key was created and saved (mode 600) to",
+                  f"  {key_file.resolve()}",
+                  "Authenticate with:  Authorization: Bearer $(cat " + str(key_file) + ")",
+                  "The CLI on this machine reads that file when CP_API_KEY is not set."]
+    elif settings.admin_api_key:
+        lines.append("Authenticate with:  Authorization: Bearer $CP_ADMIN_API_KEY")
+    elif key_file.exists():
+        lines.append(f"Authenticate with the key in {key_file} (or create one: control-plane apikey create --name NAME)")
+    else:
+        lines.append("Authenticate with an API key (create one: control-plane apikey create --name NAME)")
+    typer.echo("\n".join(lines), err=True)

@@ -1,0 +1,105 @@
+"""Version 1 of the command stream's schema: what producers in any language may send.
+
+An entry of the stream `cp:commands` has one field, `command`, holding a JSON object:
+
+    {"version": 1, "id": "<producer-chosen unique id>", "type": "instance.create",
+     "payload": {...}}
+
+`id` is the dedupe key: a command id is applied at most once, however often it is delivered.
+The JSON Schema in `command.schema.json` is generated from these types (a test keeps it so).
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+SCHEMA_FILE = Path(__file__).with_name("command.schema.json")
+NAMESPACE = uuid.UUID("9b0f6f2e-6c1a-4a53-9a53-2f1d1b0c8e11")
+
+CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+                                        description="Producer-chosen unique id (printable ASCII)")]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
+Provider = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Provider name, e.g. local, aws, scaleway")]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$",
+                                    description="Model id as vLLM takes it, e.g. meta-llama/Llama-3.2-1B-Instruct")]
+LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
+Reason = Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):
+    provider: Provider
+    instance_type: Name
+    model: Model
+    zone: Name | None = None
+    labels: Labels = {}
+    instance_id: uuid.UUID | None = None
+    """Chosen by the producer, or derived from the command id (so redelivery is harmless)."""
+
+
+class TerminatePayload(msgspec.Struct, forbid_unknown_fields=True):
+    instance_id: uuid.UUID
+    reason: Reason | None = None
+
+
+class DrainPayload(msgspec.Struct, forbid_unknown_fields=True):
+    instance_id: uuid.UUID
+    reason: Reason | None = None
+
+
+class _Envelope(msgspec.Struct, forbid_unknown_fields=True, tag_field="type"):
+    version: Literal[1]
+    id: CommandId
+
+
+class CreateInstance(_Envelope, tag="instance.create"):
+    payload: CreatePayload
+
+    @property
+    def instance_id(self) -> uuid.UUID:
+        return self.payload.instance_id or uuid.uuid5(NAMESPACE, self.id)
+
+
+class TerminateInstance(_Envelope, tag="instance.terminate"):
+    payload: TerminatePayload
+
+
+class DrainInstance(_Envelope, tag="instance.drain"):
+    payload: DrainPayload
+
+
+Command = CreateInstance | TerminateInstance | DrainInstance
+
+_decoder = msgspec.json.Decoder(Command)
+
+
+class InvalidCommand(ValueError):
+    """The entry is not a valid version-1 command."""
+
+
+def decode(raw: bytes | str) -> Command:
+    """Parse and validate one command; raises `InvalidCommand` saying what is wrong."""
+    try:
+        return _decoder.decode(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidCommand(str(exc)) from None
+
+
+def encode(command: Command) -> bytes:
+    return msgspec.json.encode(command)
+
+
+def json_schema() -> dict:
+    """JSON Schema (2020-12) of a command, for producers in other languages."""
+    schema = msgspec.json.schema(Command)
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "Control-plane command, version 1",
+        "description": "The JSON in the `command` field of an entry of the `cp:commands` Redis stream.",
+        **schema,
+    }

@@ -1,0 +1,192 @@
+"""The database schema. Alembic migrations in `migrations/` must match it (a test checks)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from control_plane.lifecycle.states import Status
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Timestamp = DateTime(timezone=True)
+_STATUSES = ", ".join(f"'{s.value}'" for s in Status)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_STATUSES})", name="status"),
+        CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
+        CheckConstraint("desired_state IN ('running', 'drained', 'terminated')", name="desired"),
+        Index(None, "status", "next_check_at"),
+        Index(None, "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    provider: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str | None] = mapped_column(String(64))
+    instance_type: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(512))
+    labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(String(32), server_default=Status.PROVISIONING.value)
+    desired_state: Mapped[str] = mapped_column(String(16), server_default="running")
+    """What was asked of the instance: `running`, `drained` or `terminated`."""
+    desired_reason: Mapped[str | None] = mapped_column(Text)
+    """Why `desired_state` was last changed (recorded in the history when carried out)."""
+    progress: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    phase: Mapped[str | None] = mapped_column(String(128))
+    provider_instance_id: Mapped[str | None] = mapped_column(String(256), unique=True)
+    ip: Mapped[str | None] = mapped_column(String(64))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    agent_token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    agent_version: Mapped[str | None] = mapped_column(String(64))
+    agent_build_date: Mapped[str | None] = mapped_column(String(32))
+    agent_checksum: Mapped[str | None] = mapped_column(String(64))
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    last_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_by_command: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    status_changed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    boot_deadline_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    ready_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    terminated_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    # Lifecycle workers' lease and schedule.
+    next_check_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Consecutive temporary failures of the current step (reset when a step succeeds)."""
+    lock_token: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    lock_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class InstanceStateHistory(Base):
+    __tablename__ = "instance_state_history"
+    __table_args__ = (Index(None, "instance_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("instances.id", ondelete="CASCADE")
+    )
+    from_status: Mapped[str | None] = mapped_column(String(32))
+    to_status: Mapped[str] = mapped_column(String(32))
+    transition: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str | None] = mapped_column(Text)
+    actor: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class InstanceAction(Base):
+    __tablename__ = "instance_actions"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'succeeded', 'failed', 'abandoned')", name="status"
+        ),
+        Index(None, "instance_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("instances.id", ondelete="CASCADE")
+    )
+    action_type: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    metadata_: Mapped[dict[str, Any]] = mapped_column(
+        "metadata", JSONB, server_default=text("'{}'::jsonb")
+    )
+
+
+class InstanceVolume(Base):
+    __tablename__ = "instance_volumes"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('attached', 'detached', 'deleting', 'deleted', 'kept', 'gone')",
+            name="status",
+        ),
+        Index(None, "instance_id", "provider_volume_id", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("instances.id", ondelete="CASCADE")
+    )
+    provider_volume_id: Mapped[str] = mapped_column(String(256))
+    volume_type: Mapped[str] = mapped_column(String(64))
+    size_gb: Mapped[int] = mapped_column(Integer)
+    is_boot: Mapped[bool]
+    delete_on_terminate: Mapped[bool]
+    status: Mapped[str] = mapped_column(String(16), server_default="attached")
+    discovered_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    deleted_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Event(Base):
+    """The feed: every row is pushed to SSE subscribers and mirrored to `cp:events`."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index(None, "instance_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    type: Mapped[str] = mapped_column(String(64))
+    instance_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    data: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class ProcessedCommand(Base):
+    """One row per applied command id: the dedupe key of the at-least-once stream."""
+
+    __tablename__ = "processed_commands"
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    type: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+    instance_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    stream_entry_id: Mapped[str | None] = mapped_column(String(64))
+    processed_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    """First characters of the key, to recognise it in listings (not a secret)."""
+    scopes: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)

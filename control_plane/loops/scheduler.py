@@ -1,0 +1,83 @@
+"""Periodic housekeeping, timed by APScheduler in every replica, run once by the leader.
+
+Jobs never overlap themselves (`max_instances=1`, `coalesce=True`); the job store is in
+memory and never shared between replicas (APScheduler 3 cannot share one safely).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from control_plane.lifecycle import transitions as t
+from control_plane.lifecycle.states import Status
+from control_plane.loops.leader import Leader
+from control_plane.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+def build_scheduler(
+    leader: Leader, sessions: async_sessionmaker[AsyncSession], redis: Redis, settings: Settings
+) -> AsyncIOScheduler:
+    scheduler = AsyncIOScheduler(job_defaults={"max_instances": 1, "coalesce": True})
+
+    def leader_only(job: Callable[[], Awaitable[object]]) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            if not leader.is_leader:
+                return
+            try:
+                await job()
+            except Exception:
+                log.exception("Scheduled job failed", job=job.__name__)
+        run.__name__ = job.__name__
+        return run
+
+    async def archive_terminated() -> int:
+        return await archive_old_instances(sessions, settings.archive_after_seconds)
+
+    async def trim_command_stream() -> int:
+        return await trim_acknowledged(redis, settings.command_stream, settings.consumer_group)
+
+    scheduler.add_job(leader_only(archive_terminated), "interval", minutes=10, id="archive")
+    scheduler.add_job(leader_only(trim_command_stream), "interval", minutes=1, id="trim")
+    return scheduler
+
+
+async def archive_old_instances(sessions: async_sessionmaker[AsyncSession], age_seconds: float) -> int:
+    """Archive instances terminated (or lost by the provider) more than `age_seconds` ago."""
+    async with sessions() as session:
+        rows = (await session.execute(
+            text("SELECT id, status FROM instances WHERE status IN ('terminated', 'provider_deleted')"
+                 " AND status_changed_at < now() - make_interval(secs => :age) LIMIT 1000"),
+            {"age": age_seconds})).all()
+    archived = 0
+    for row in rows:
+        async with sessions.begin() as session:
+            archived += await t.archive(session, row.id, Status(row.status))
+    if archived:
+        log.info("Instances archived", count=archived)
+    return archived
+
+
+async def trim_acknowledged(redis: Redis, stream: str, group: str) -> int:
+    """Drop command entries every consumer has acknowledged; pending ones are never trimmed."""
+    groups = await redis.xinfo_groups(stream)
+    ours = next((g for g in groups if g["name"].decode() == group), None) if groups else None
+    if ours is None:
+        return 0
+    floor = ours["last-delivered-id"].decode()
+    summary = await redis.xpending(stream, group)
+    if summary["pending"]:
+        floor = min(floor, summary["min"].decode(), key=_stream_id)
+    return await redis.xtrim(stream, minid=floor)
+
+
+def _stream_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,158 @@
+"""One control-plane process: API, command consumer, lifecycle workers and scheduler.
+
+`Runtime` owns every long-lived resource (database engine, Redis client, LISTEN hub, provider
+adapters) and the background loops, and stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from redis.asyncio import Redis
+from sqlalchemy import text
+
+from control_plane.commands.consumer import CommandConsumer
+from control_plane.db.engine import asyncpg_dsn, make_engine, make_sessionmaker, upgrade
+from control_plane.feed.hub import FeedFilter, FeedHub
+from control_plane.feed.relay import EventMirror
+from control_plane.loops.leader import Leader
+from control_plane.loops.lifecycle import LifecycleWorker
+from control_plane.loops.scheduler import build_scheduler
+from control_plane.providers import Providers
+from control_plane.security import digest, new_api_key
+from control_plane.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """Which parts run in this process (all by default)."""
+
+    consumer: bool = True
+    workers: bool = True
+    scheduler: bool = True
+
+
+class Runtime:
+    def __init__(self, settings: Settings, database_url: str, redis_url: str,
+                 providers: Providers | None = None) -> None:
+        self.settings = settings
+        self.database_url = database_url
+        self.dsn = asyncpg_dsn(database_url)
+        self.engine = make_engine(database_url)
+        self.sessions = make_sessionmaker(self.engine)
+        self.redis = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5,
+                                    health_check_interval=30)
+        self.providers = providers or Providers.from_settings(settings)
+        self.hub = FeedHub(self.dsn, queue_size=settings.sse_queue_size)
+        self.leader = Leader(self.dsn)
+        self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
+        self.stop_event = asyncio.Event()
+        self.api_key_cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._scheduler = None
+        self.worker: LifecycleWorker | None = None
+
+    async def start(self, roles: Roles = Roles(), *, migrate: bool = True) -> None:
+        if migrate:
+            await asyncio.to_thread(upgrade, self.database_url)
+        await self.hub.start()
+        token_secret = self._agent_token_secret()
+        self.worker = LifecycleWorker(self.sessions, self.dsn, self.providers, self.settings,
+                                      token_secret)
+        self._spawn(self.leader.run(self.stop_event), "leader")
+        self._spawn(self._mirror_events(), "event-mirror")
+        if roles.consumer:
+            self._spawn(self.consumer.run(self.stop_event), "command-consumer")
+        if roles.workers:
+            self._spawn(self.worker.run(self.stop_event), "lifecycle-worker")
+        if roles.scheduler:
+            self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings)
+            self._scheduler.start()
+
+    async def stop(self) -> None:
+        self.stop_event.set()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.hub.stop()
+        await self.providers.close()
+        await self.redis.aclose()
+        await self.engine.dispose()
+
+    async def seed_admin_key(self) -> str | None:
+        """Store `CP_ADMIN_API_KEY` (hashed). With no key configured and none in the database,
+        create one and return it, so a first start is usable; otherwise return None."""
+        async with self.sessions.begin() as session:
+            if self.settings.admin_api_key:
+                await _insert_key(session, "admin (CP_ADMIN_API_KEY)", self.settings.admin_api_key, ["admin"])
+                return None
+            count = (await session.execute(
+                text("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL"))).scalar_one()
+            if count:
+                return None
+            key = new_api_key()
+            await _insert_key(session, "admin (first start)", key, ["admin"])
+            return key
+
+    def _agent_token_secret(self) -> bytes:
+        if self.settings.agent_token_secret:
+            return self.settings.agent_token_secret.encode()
+        path = Path(self.settings.data_dir) / "agent-token-secret"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+        return path.read_text().strip().encode()
+
+    async def _mirror_events(self) -> None:
+        """On the leader, copy new feed events to the `cp:events` stream as they arrive."""
+        mirror = EventMirror(self.redis, self.hub, self.settings.events_stream,
+                             self.settings.events_stream_maxlen)
+        sub = self.hub.subscribe(FeedFilter())
+        try:
+            while not self.stop_event.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.queue.get(), 5.0)
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+                if sub.overflowed:
+                    self.hub.unsubscribe(sub)
+                    sub = self.hub.subscribe(FeedFilter())
+                if self.leader.is_leader:
+                    try:
+                        await mirror.sync()
+                    except Exception as exc:
+                        log.warning("Event mirror failed; will retry", error=repr(exc)[:300])
+        finally:
+            self.hub.unsubscribe(sub)
+
+    def _spawn(self, coro, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+
+async def _insert_key(session, name: str, key: str, scopes: list[str]) -> None:
+    import uuid
+
+    await session.execute(
+        text("INSERT INTO api_keys (id, name, key_hash, prefix, scopes) VALUES (:id, :n, :h, :p, :s)"
+             " ON CONFLICT (key_hash) DO NOTHING"),
+        {"id": uuid.uuid4(), "n": name, "h": digest(key), "p": key[:8], "s": scopes})
+
+
+async def create_api_key(sessions, name: str, scopes: list[str]) -> str:
+    """A new API key with `scopes`; only its hash is stored, the key is returned once."""
+    key = new_api_key()
+    async with sessions.begin() as session:
+        await _insert_key(session, name, key, scopes)
+    return key

@@ -1,0 +1,127 @@
+"""Settings, read once from the environment (prefix `CP_`) and passed down.
+
+No other module reads `os.environ`. Every field has a default that works on a developer's
+machine; the README's configuration table lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting in the environment has an invalid value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str | None = None
+    """SQLAlchemy URL of Postgres. Unset: local Postgres on 127.0.0.1:5432, else embedded."""
+    redis_url: str | None = None
+    """Redis URL. Unset: local Redis on 127.0.0.1:6379, else an embedded one."""
+    data_dir: Path = Path(".control-plane")
+    """Where embedded databases, the local provider's machines and the first admin key live."""
+    host: str = "127.0.0.1"
+    """Address the API binds to."""
+    port: int = 8000
+    """Port the API binds to."""
+    public_url: str | None = None
+    """URL agents use to reach the control plane. Unset: http://{host}:{port}."""
+    admin_api_key: str | None = field(default=None, repr=False)
+    """An admin key seeded at start (stored hashed)."""
+    agent_token_secret: str | None = field(default=None, repr=False)
+    """Key from which agent tokens are derived. Unset: generated once in `data_dir`. Replicas
+    on several hosts must share one."""
+    api_key_cache_seconds: float = 5.0
+    """How long a verified API key is trusted before it is checked again (revocation delay)."""
+    cluster_name: str = "default"
+    """Tag value naming this control plane on every provider resource it creates."""
+
+    command_stream: str = "cp:commands"
+    """Redis stream of incoming commands."""
+    dead_letter_stream: str = "cp:commands:dead"
+    """Redis stream where rejected command entries go, with the reason."""
+    events_stream: str = "cp:events"
+    """Capped Redis stream mirroring the event feed for back-end consumers."""
+    events_stream_maxlen: int = 100_000
+    """Approximate length cap of the events stream."""
+    consumer_group: str = "orchestrator"
+    """Consumer group reading the command stream."""
+    consumer_name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """This process's consumer name in the group."""
+    command_max_deliveries: int = 5
+    """Deliveries after which an entry that keeps failing is dead-lettered."""
+    command_claim_idle_ms: int = 30_000
+    """Idle time after which another consumer's pending entry is reclaimed."""
+    command_max_bytes: int = 64 * 1024
+    """Largest accepted command entry; larger ones are dead-lettered."""
+
+    lease_seconds: float = 60.0
+    """How long a lifecycle worker owns an instance it claimed."""
+    worker_concurrency: int = 32
+    """Instances one process works on at once."""
+    worker_poll_seconds: float = 2.0
+    """Fallback poll interval of lifecycle workers (they are woken by NOTIFY first)."""
+    provider_call_timeout_seconds: float = 30.0
+    """Upper bound of one provider API call."""
+    provider_max_attempts: int = 8
+    """Attempts on a temporary provider error before an instance fails."""
+    boot_timeout_seconds: float = 900.0
+    """Time from provider start to `ready` before an instance is `startup_failed`."""
+    terminate_timeout_seconds: float = 600.0
+    """Time in `terminating` after which the stuck termination is reported."""
+    drain_timeout_seconds: float = 300.0
+    """Longest a draining instance waits for in-flight requests before termination."""
+    archive_after_seconds: float = 7 * 24 * 3600.0
+    """Age of a terminated instance before it is archived."""
+
+    sse_keepalive_seconds: float = 15.0
+    """Interval of keep-alive comments on idle SSE connections."""
+    sse_queue_size: int = 10_000
+    """Events buffered per SSE subscriber; a slower one is disconnected and resumes."""
+
+    local_boot_seconds: float = 5.0
+    """Boot time of the simulated vLLM engine on the `local` provider."""
+    local_model_cache: bool = True
+    """Give `local` machines a persistent model-cache volume (kept on terminate)."""
+
+    @property
+    def agent_url(self) -> str:
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Settings from `CP_<FIELD>` variables, then `overrides` (e.g. CLI flags)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"CP_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, type_: Any, raw: str) -> Any:
+    kind = str(type_)
+    try:
+        if "bool" in kind:
+            if raw.lower() in {"1", "true", "yes", "on"}:
+                return True
+            if raw.lower() in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if "int" in kind:
+            return int(raw)
+        if "float" in kind:
+            return float(raw)
+        if "Path" in kind:
+            return Path(raw)
+    except ValueError:
+        raise SettingsError(f"CP_{name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,241 @@
+"""One run of the inference engine (vLLM or the simulated vLLM) as a child process.
+
+``EngineProcess`` starts the command in its own process group, reads its merged
+stdout/stderr line by line for as long as it lives (a full pipe would block the engine),
+records the startup phases the log shows, keeps the last lines for error reports, and stops
+it: SIGTERM, a bounded wait, then SIGKILL to the whole group (vLLM's worker processes too).
+``EngineHTTP`` is the agent's view of the engine's HTTP API; "connection refused" while
+the process lives means it is still loading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Mapping
+
+import httpx
+
+from worker_agent.config import AgentConfig
+from worker_agent.engine_log import Phase, parse_line
+from worker_agent.integrity import PACKAGE_ROOT
+from worker_agent.metrics import vllm_summary
+
+log = logging.getLogger("worker_agent.engine")
+
+TAIL_LINES = 200
+WARMUP_TIMEOUT_SECONDS = 60.0
+_LINE_LIMIT = 1 << 20  # tqdm bars joined by \r make long lines
+
+
+def engine_command(config: AgentConfig) -> list[str]:
+    """The command line that serves ``config.model`` on 127.0.0.1:``engine_port``."""
+    port = str(config.engine_port)
+    if config.engine == "vllm":
+        return [
+            "vllm", "serve", config.model, "--host", "127.0.0.1", "--port", port,
+            "--served-model-name", config.served_model_name, *config.vllm_args,
+        ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "worker_agent.simulated_vllm", "--model", config.model,
+        "--host", "127.0.0.1", "--port", port, "--boot-seconds", str(config.sim_boot_seconds),
+        "--served-model-name", config.served_model_name,
+    ]  # fmt: skip
+    return command + (["--fail", config.sim_fail] if config.sim_fail else [])
+
+
+def engine_env(environ: Mapping[str, str], *, simulated: bool) -> dict[str, str]:
+    """The engine's environment: the agent's, minus every ``WORKER_AGENT_*`` (the token).
+
+    Unbuffered output so phases arrive as they happen; for the simulated engine, the agent's
+    own package is made importable wherever the agent was started from.
+    """
+    env = {k: v for k, v in environ.items() if not k.startswith("WORKER_AGENT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    if simulated:
+        paths = [str(PACKAGE_ROOT.parent), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
+class EngineProcess:
+    """A started engine: its pid, exit code, log phases, failure lines and last lines."""
+
+    def __init__(self, command: list[str], env: Mapping[str, str]) -> None:
+        self.command = command
+        self._env = dict(env)
+        self._proc: asyncio.subprocess.Process | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self.phases: dict[Phase, str] = {}
+        """First message seen for each phase (``FAILED`` excluded: see ``failures``)."""
+        self.failures: list[str] = []
+        """Every failure line, in log order."""
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None
+
+    @property
+    def last_line(self) -> str:
+        return next((line for line in reversed(self.tail) if line.strip()), "")
+
+    async def start(self) -> None:
+        """Start the process (``OSError`` if the command cannot run)."""
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=self._env,
+            start_new_session=True,
+            limit=_LINE_LIMIT,
+        )
+        log.info("Engine started: pid %s, %s", self._proc.pid, " ".join(self.command))
+        self._tasks = [
+            asyncio.create_task(self._read_output(), name="engine-output"),
+            asyncio.create_task(self._watch_exit(), name="engine-exit"),
+        ]
+
+    async def wait_change(self, seconds: float) -> None:
+        """Return after a new phase or failure line, the process exit, or ``seconds``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), seconds)
+        self._changed.clear()
+
+    async def wait(self) -> int:
+        """Wait for the process to exit; return its exit code."""
+        assert self._proc is not None, "engine not started"
+        return await self._proc.wait()
+
+    async def wait_closed(self, seconds: float) -> None:
+        """Wait at most ``seconds`` for the exit and for the last output line to be read."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=seconds)
+
+    async def stop(self, grace: float = 30.0) -> int | None:
+        """Stop the engine: SIGTERM, wait ``grace`` seconds, then SIGKILL its process group."""
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                log.warning("Engine ignored SIGTERM for %.0fs: killed", grace)
+        self._kill_group()
+        await proc.wait()
+        await self.wait_closed(5.0)
+        for task in self._tasks:
+            task.cancel()
+        return proc.returncode
+
+    def _kill_group(self) -> None:
+        # Our child leads its own session: the group is the engine and its workers only.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
+
+    async def _read_output(self) -> None:
+        stream = self._proc.stdout
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line longer than the limit: take what is buffered
+                raw = await stream.read(_LINE_LIMIT)
+            if not raw:
+                return
+            self._on_line(raw.decode("utf-8", errors="replace").rstrip("\n"))
+
+    def _on_line(self, line: str) -> None:
+        self.tail.append(line)
+        log.info("| %s", line.replace("\r", " ").rstrip())
+        event = parse_line(line)
+        if event is None:
+            return
+        if event.phase is Phase.FAILED:
+            self.failures.append(event.text)
+        elif event.phase not in self.phases:
+            self.phases[event.phase] = event.text
+        else:
+            return
+        self._changed.set()
+
+    async def _watch_exit(self) -> None:
+        code = await self._proc.wait()
+        log.info("Engine exited: pid %s, exit code %s", self._proc.pid, code)
+        self._changed.set()
+
+
+class EngineHTTP:
+    """Calls to the engine's HTTP API on 127.0.0.1 (no proxies from the environment)."""
+
+    def __init__(self, port: int, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._client = httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}",
+            timeout=httpx.Timeout(5.0),
+            trust_env=False,
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def healthy(self) -> bool:
+        """``/health`` answered 200; ``False`` on refusal, timeout or any other status."""
+        try:
+            response = await self._client.get("/health")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    async def served_models(self) -> list[str]:
+        """Model ids ``/v1/models`` lists (raises ``httpx.HTTPError`` or ``ValueError``)."""
+        response = await self._client.get("/v1/models")
+        response.raise_for_status()
+        return [item["id"] for item in response.json()["data"]]
+
+    async def warmup(self, model: str) -> float:
+        """Run a one-token chat completion; return its duration in seconds.
+
+        Raises ``httpx.HTTPError`` (refused, timeout, non-2xx) or ``ValueError`` (bad body).
+        """
+        started = time.monotonic()
+        response = await self._client.post(
+            "/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": "ping"}],
+                "max_tokens": 1,
+            },
+            timeout=WARMUP_TIMEOUT_SECONDS,
+        )
+        response.raise_for_status()
+        if not response.json().get("choices"):
+            raise ValueError("chat completion answered without choices")
+        return time.monotonic() - started
+
+    async def metrics(self) -> dict[str, float | None]:
+        """vLLM's ``/metrics`` summarised by ``metrics.vllm_summary``; ``{}`` if unavailable."""
+        try:
+            response = await self._client.get("/metrics")
+            response.raise_for_status()
+        except httpx.HTTPError:
+            return {}
+        return vllm_summary(response.text)
