@@ -60,7 +60,6 @@ class CommandConsumer:
         backoff = 0.2
         while not stop.is_set():
             try:
-                await self._ensure_group()
                 while not stop.is_set():
                     await self.step(block_ms=1000)
                     backoff = 0.2
@@ -77,7 +76,18 @@ class CommandConsumer:
             backoff = min(backoff * 2, 5.0)
 
     async def step(self, block_ms: int = 0) -> int:
-        """Handle one batch: own backlog first, then reclaimed entries, then new ones."""
+        """Handle one batch: own backlog first, then reclaimed entries, then new ones.
+
+        Creates the consumer group when it is missing (first start, or Redis lost it)."""
+        try:
+            return await self._step(block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()
+            return await self._step(block_ms)
+
+    async def _step(self, block_ms: int) -> int:
         entries: list[tuple[bytes, dict | None]]
         counts: dict[bytes, int] = {}
         if self._backlog:

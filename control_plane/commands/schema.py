@@ -88,6 +88,8 @@ def decode(raw: bytes | str) -> Command:
         return _decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidCommand(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise InvalidCommand(f"command is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def encode(command: Command) -> bytes:

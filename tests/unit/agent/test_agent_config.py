@@ -51,7 +51,12 @@ def test_every_setting_is_read() -> None:
         }
     )
 
-    assert (config.engine, config.engine_port, config.host, config.port) == ("vllm", 9001, "0.0.0.0", 9002)
+    assert (config.engine, config.engine_port, config.host, config.port) == (
+        "vllm",
+        9001,
+        "0.0.0.0",
+        9002,
+    )
     assert config.served_model_name == "qwen"
     assert config.vllm_args == ("-tp", "2", "--max-model-len", "8192")
     assert (config.sim_boot_seconds, config.sim_fail) == (1.5, "kv_cache")

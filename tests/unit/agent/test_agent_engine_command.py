@@ -33,7 +33,9 @@ def test_vllm_command() -> None:
 
 
 def test_simulated_command() -> None:
-    config = load_config(BASE | {"WORKER_AGENT_SIM_BOOT_SECONDS": "1.5", "WORKER_AGENT_SIM_FAIL": "kv_cache"})
+    config = load_config(
+        BASE | {"WORKER_AGENT_SIM_BOOT_SECONDS": "1.5", "WORKER_AGENT_SIM_FAIL": "kv_cache"}
+    )
 
     assert engine_command(config) == [
         sys.executable, "-m", "worker_agent.simulated_vllm", "--model",

@@ -10,7 +10,12 @@ GOOD_LOGS = (
     "startup-v0.19-single-gpu-phi3.log",
 )
 FAILING_LOG = "startup-v0.25-fail-kv-cache-memory.log"
-BOOT_ORDER = [Phase.ENGINE_STARTED, Phase.MODEL_LOADED, Phase.ENGINE_INITIALIZED, Phase.HTTP_STARTED]
+BOOT_ORDER = [
+    Phase.ENGINE_STARTED,
+    Phase.MODEL_LOADED,
+    Phase.ENGINE_INITIALIZED,
+    Phase.HTTP_STARTED,
+]
 
 
 def phases_of(text: str) -> list[Phase]:
@@ -46,7 +51,9 @@ def test_failing_startup_yields_failed_with_the_kv_cache_root_cause(vllm_fixture
     assert summary.startswith("ValueError: To serve at least one request")
     assert "18.35 GiB KV cache is needed" in summary
     assert "available KV cache memory (8.72 GiB)" in summary
-    assert summary.endswith("RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    assert summary.endswith(
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}"
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,7 +80,11 @@ def test_failing_startup_yields_failed_with_the_kv_cache_root_cause(vllm_fixture
             Phase.HTTP_STARTED,
             "Starting vLLM API server on http://0.0.0.0:8000",
         ),
-        ("(APIServer pid=3) INFO:     Application startup complete.", Phase.HTTP_STARTED, "Application startup complete."),
+        (
+            "(APIServer pid=3) INFO:     Application startup complete.",
+            Phase.HTTP_STARTED,
+            "Application startup complete.",
+        ),
         (
             "ERROR 08-03 21:49:23 [core.py:1231] torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
             Phase.FAILED,
@@ -85,7 +96,11 @@ def test_failing_startup_yields_failed_with_the_kv_cache_root_cause(vllm_fixture
             None,
             None,
         ),
-        ("/x/_optional_torch_c_dlpack.py:174: UserWarning: Failed to JIT torch c dlpack extension", None, None),
+        (
+            "/x/_optional_torch_c_dlpack.py:174: UserWarning: Failed to JIT torch c dlpack extension",
+            None,
+            None,
+        ),
         ("(EngineCore pid=1) Traceback (most recent call last):", None, None),
         ('INFO:     127.0.0.1:47346 - "POST /v1/chat/completions HTTP/1.1" 200 OK', None, None),
     ],

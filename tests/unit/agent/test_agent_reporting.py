@@ -72,7 +72,7 @@ def test_backoff_is_exponential_jittered_and_capped() -> None:
     assert backoff_delay(50, rng=lambda: 0.0) == RETRY_CAP_SECONDS / 2
 
 
-async def test_progress_is_sent_with_bearer_token_and_retried_on_5xx_429_and_network_errors() -> None:
+async def test_progress_has_the_token_and_is_retried_on_5xx_429_network_errors() -> None:
     cp = FakeControlPlane(503, httpx.ConnectError("refused"), 429, 502, 201)
     client = cp.client()
 
@@ -100,7 +100,9 @@ async def test_retry_after_is_honoured() -> None:
     await client.aclose()
 
 
-async def test_token_rejected_is_logged_and_retried_slowly(caplog: pytest.LogCaptureFixture) -> None:
+async def test_token_rejected_is_logged_and_retried_slowly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     cp = FakeControlPlane(401, 403, 200)
     client = cp.client()
 
@@ -156,5 +158,10 @@ async def test_reporter_delivers_in_order_once_each_even_when_a_phase_is_refused
         "warmup_done",
         "health_check_passed",
     ]
-    assert reporter.reached == ["engine_started", "model_loaded", "warmup_done", "health_check_passed"]
+    assert reporter.reached == [
+        "engine_started",
+        "model_loaded",
+        "warmup_done",
+        "health_check_passed",
+    ]
     await client.aclose()
