@@ -39,7 +39,7 @@ def vllm_summary(text: str) -> dict[str, float | None]:
         elif key in _AVERAGED:
             summary[key] = sum(values) / len(values)
         else:
-            summary[key] = max(values)
+            summary[key] = sum(values)
     return summary
 
 

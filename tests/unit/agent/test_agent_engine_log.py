@@ -90,6 +90,12 @@ def test_failing_startup_yields_failed_with_the_kv_cache_root_cause(vllm_fixture
             Phase.FAILED,
             "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
         ),
+        (
+            "(EngineCore pid=7) ERROR 05-01 10:00:00 [gpu_worker.py:290] CUDA out of memory "
+            "occurred when warming up sampler with 256 dummy requests.",
+            Phase.FAILED,
+            "CUDA out of memory occurred when warming up sampler with 256 dummy requests.",
+        ),
         # errors named in passing are not failures
         (
             "WARNING 12-20 18:31:21 [system_utils.py:258] This can cause fd limit errors like `OSError: [Errno 24] Too many open files`.",
