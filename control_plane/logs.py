@@ -23,16 +23,20 @@ def redact(_logger, _method, event: dict) -> dict:
 
 
 def configure(level: str = "INFO", *, json: bool = False) -> None:
-    logging.basicConfig(stream=sys.stderr, level=level, format="%(message)s")
-    for noisy in ("uvicorn.access", "apscheduler"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """One format for our logs and for libraries' stdlib logging, secrets redacted in both."""
     renderer = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
+    shared = [structlog.processors.add_log_level, structlog.processors.TimeStamper(fmt="iso"), redact]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared]))
+    logging.basicConfig(handlers=[handler], level=level, force=True)
+    for noisy in ("uvicorn.access", "apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso"),
-            redact,
+            *shared,
             structlog.processors.format_exc_info,
             renderer,
         ],

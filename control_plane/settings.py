@@ -79,6 +79,9 @@ class Settings:
     archive_after_seconds: float = 7 * 24 * 3600.0
     """Age of a terminated instance before it is archived."""
 
+    agent_heartbeat_seconds: float = 10.0
+    """Heartbeat interval the control plane configures on its agents."""
+
     sse_keepalive_seconds: float = 15.0
     """Interval of keep-alive comments on idle SSE connections."""
     sse_queue_size: int = 10_000

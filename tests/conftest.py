@@ -94,7 +94,7 @@ async def settings(tmp_path, database_url: str, db, redis) -> Any:
         command_stream=f"{prefix}:commands", dead_letter_stream=f"{prefix}:commands:dead",
         events_stream=f"{prefix}:events", consumer_name=f"consumer-{uuid.uuid4().hex[:6]}",
         api_key_cache_seconds=0.0, worker_poll_seconds=0.5, local_boot_seconds=1.0,
-        command_claim_idle_ms=1000, sse_keepalive_seconds=1.0,
+        command_claim_idle_ms=1000, sse_keepalive_seconds=1.0, agent_heartbeat_seconds=0.5,
     )
     keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
     if keys:

@@ -182,7 +182,10 @@ class Agent:
         while True:
             engine = self.engine
             code = await engine.wait() if engine and engine.pid else None
-            log.error("Engine crashed (exit code %s); last log line: %s", code, engine.last_line)
+            if self.state == "running":
+                log.error(
+                    "Engine crashed (exit code %s); last log line: %s", code, engine.last_line
+                )
             self._set_state("crashed")
             if self.restarts >= MAX_RESTARTS:
                 log.error("Engine crashed after %d restarts: not restarting", self.restarts)

@@ -157,8 +157,8 @@ class EngineProcess:
         while True:
             try:
                 raw = await stream.readline()
-            except ValueError:  # a line longer than the limit: take what is buffered
-                raw = await stream.read(_LINE_LIMIT)
+            except ValueError:  # longer than _LINE_LIMIT: asyncio dropped it, go on
+                continue
             if not raw:
                 return
             self._on_line(raw.decode("utf-8", errors="replace").rstrip("\n"))
@@ -212,23 +212,25 @@ class EngineHTTP:
         return [item["id"] for item in response.json()["data"]]
 
     async def warmup(self, model: str) -> float:
-        """Run a one-token chat completion; return its duration in seconds.
+        """Run a one-token completion; return its duration in seconds.
 
-        Raises ``httpx.HTTPError`` (refused, timeout, non-2xx) or ``ValueError`` (bad body).
+        A chat completion first; if the engine refuses it with 400 (a base model without a
+        chat template), a plain ``/v1/completions`` instead. Raises ``httpx.HTTPError``
+        (refused, timeout, non-2xx) or ``ValueError`` (an answer without choices).
         """
         started = time.monotonic()
+        chat = {"model": model, "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
         response = await self._client.post(
-            "/v1/chat/completions",
-            json={
-                "model": model,
-                "messages": [{"role": "user", "content": "ping"}],
-                "max_tokens": 1,
-            },
-            timeout=WARMUP_TIMEOUT_SECONDS,
+            "/v1/chat/completions", json=chat, timeout=WARMUP_TIMEOUT_SECONDS
         )
+        if response.status_code == 400:
+            plain = {"model": model, "prompt": "ping", "max_tokens": 1}
+            response = await self._client.post(
+                "/v1/completions", json=plain, timeout=WARMUP_TIMEOUT_SECONDS
+            )
         response.raise_for_status()
         if not response.json().get("choices"):
-            raise ValueError("chat completion answered without choices")
+            raise ValueError(f"{response.request.url.path} answered without choices")
         return time.monotonic() - started
 
     async def metrics(self) -> dict[str, float | None]:

@@ -211,6 +211,7 @@ class LifecycleWorker:
                 "WORKER_AGENT_TOKEN": token,
                 "WORKER_AGENT_INSTANCE_ID": str(row.id),
                 "WORKER_AGENT_MODEL": row.model,
+                "WORKER_AGENT_HEARTBEAT_SECONDS": str(self._s.agent_heartbeat_seconds),
             },
         )
         result = await self._act(row, Step.PROVIDER_CREATE.value, adapter.create(spec))

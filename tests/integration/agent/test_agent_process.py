@@ -161,3 +161,15 @@ async def test_engine_crash_after_ready_is_reported_and_restarted(control_plane,
 
     assert await agent.terminate() == 0
     assert not pid_alive(second_pid)
+
+
+async def test_sigterm_during_boot_stops_the_engine_and_exits_0(control_plane, run_agent) -> None:
+    agent = await run_agent(sim_boot_seconds="60")
+    await wait_until(lambda: "engine_started" in control_plane.phases(), "engine_started")
+    engine_pid = agent.engine_pids()[0]
+    assert pid_alive(engine_pid)
+
+    assert await agent.terminate() == 0
+
+    assert not pid_alive(engine_pid)
+    assert control_plane.phases() == ["engine_started"]

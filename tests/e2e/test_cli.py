@@ -1,0 +1,267 @@
+"""`control-plane instances ...` run as a real process against a real control plane.
+
+The server runs in the test's event loop, so the CLI is started with asyncio subprocesses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from tests.conftest import RunningControlPlane, eventually, free_port
+
+CLI = str(Path(sys.executable).parent / "control-plane")
+MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+CREATE = ("create", "--provider", "local", "--instance-type", "local-gpu", "--model", MODEL)
+
+
+@dataclasses.dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def cli_env(cp: RunningControlPlane | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CP_")}
+    env |= {"COLUMNS": "200", "CP_DATA_DIR": "/nonexistent"}
+    if cp is not None:
+        env |= {"CP_API_URL": cp.url, "CP_API_KEY": cp.admin_key}
+    return env | extra
+
+
+async def start(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        CLI, "instances", *args, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def run(*args: str, env: dict[str, str], timeout: float = 30) -> Run:
+    proc = await start(*args, env=env)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def created(cp: RunningControlPlane, env: dict[str, str]) -> str:
+    """Create an instance with the CLI; returns its id once the API knows it."""
+    result = await run(*CREATE, "--label", "team=search", "--json", env=env)
+    assert result.code == 0, result.err
+    body = json.loads(result.out)
+    assert set(body) == {"id", "command_id"}
+    async with cp.client() as client:
+        async def known():
+            return (await client.get(f"/v1/instances/{body['id']}")).status_code == 200
+        await eventually(known, timeout=10, message="instance created")
+    return body["id"]
+
+
+def assert_one_line_error(result: Run, *fragments: str) -> None:
+    assert result.code == 2, result
+    assert result.out == ""
+    assert "Traceback" not in result.err
+    assert len(result.err.strip().splitlines()) == 1, result.err
+    for fragment in fragments:
+        assert fragment in result.err, result.err
+
+
+async def test_create_watch_list_show_terminate(control_plane):
+    cp = control_plane
+    env = cli_env(cp)
+    instance_id = await created(cp, env)
+
+    watched = await run("watch", instance_id, "--timeout", "30", env=env)
+    assert watched.code == 0, watched.err
+    assert f"{instance_id}  ready  100%" in watched.out
+    assert "booting → ready" in watched.err and "100%" in watched.err
+
+    listed = await run("list", "--json", "--label", "team=search", "--status", "ready", env=env)
+    assert listed.code == 0, listed.err
+    page = json.loads(listed.out)
+    assert [i["id"] for i in page["items"]] == [instance_id] and page["next"] is None
+    human = await run("list", env=env)
+    assert instance_id in human.out and "ready" in human.out and "100%" in human.out
+
+    shown = await run("show", instance_id, "--json", env=env)
+    assert shown.code == 0, shown.err
+    body = json.loads(shown.out)
+    assert (body["status"], body["progress"]) == ("ready", 100)
+    assert [h["transition"] for h in body["history"]] == [
+        "create", "provisioning_to_booting", "booting_to_ready"]
+    assert {a["action_type"] for a in body["actions"]} >= {"PROVIDER_CREATE", "READY"}
+    assert {v["volume_type"] for v in body["volumes"]} == {"local-boot", "local-model-cache"}
+    human = await run("show", instance_id, env=env)
+    assert "State history" in human.out and "booting_to_ready" in human.out
+    assert "local-model-cache" in human.out and "PROVIDER_CREATE" in human.out
+
+    terminated = await run("terminate", instance_id, env=env)
+    assert terminated.code == 0, terminated.err
+    assert terminated.out.strip().startswith("api:terminate:")
+    watched = await run("watch", instance_id, "--until", "terminated", "--timeout", "30", env=env)
+    assert watched.code == 0, watched.err
+    assert f"{instance_id}  terminated" in watched.out
+
+
+async def test_create_watch_reads_the_saved_key_and_prints_the_id_last(control_plane, tmp_path):
+    cp = control_plane
+    (tmp_path / "admin-api-key").write_text(cp.admin_key + "\n")
+    env = cli_env(CP_API_URL=cp.url, CP_DATA_DIR=str(tmp_path))
+    result = await run(*CREATE, "--watch", "--timeout", "30", env=env)
+    assert result.code == 0, result.err
+    instance_id = result.out.strip().splitlines()[-1]
+    assert uuid.UUID(instance_id) and result.out.strip() == instance_id
+    assert "ready" in result.err and "100%" in result.err
+    assert cp.admin_key not in result.out + result.err
+
+
+async def test_errors_are_one_line_with_exit_code_2(control_plane):
+    cp = control_plane
+    env = cli_env(cp)
+    unknown = str(uuid.uuid4())
+
+    assert_one_line_error(await run("list", env=cli_env(cp, CP_API_KEY="cpk_wrong")),
+                          "API key rejected", "CP_API_KEY")
+    for args in (("show", unknown), ("watch", unknown), ("terminate", unknown)):
+        assert_one_line_error(await run(*args, env=env), f"no instance {unknown}")
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    assert_one_line_error(await run("list", env=cli_env(cp, CP_API_URL=unreachable)),
+                          f"cannot reach the control plane at {unreachable}", "control-plane up")
+    bad = await run("create", "--provider", "local", "--instance-type", "no-such-type",
+                    "--model", MODEL, env=env)
+    assert_one_line_error(bad, "no-such-type", "instance_type:")
+    assert_one_line_error(await run("list", env=cli_env(CP_DATA_DIR="/nonexistent")), "no API key")
+
+    from control_plane.runtime import create_api_key
+
+    read_key = await create_api_key(cp.runtime.sessions, "reader", ["read"])
+    assert_one_line_error(await run("terminate", unknown, env=cli_env(cp, CP_API_KEY=read_key)),
+                          "admin key")
+
+
+@pytest.fixture
+async def failing_control_plane(settings):
+    """Machines that never finish booting before the boot deadline."""
+    slow = dataclasses.replace(settings, boot_timeout_seconds=0.5, local_boot_seconds=30)
+    async with RunningControlPlane(slow) as cp:
+        yield cp
+
+
+async def test_watch_exits_1_when_startup_fails(failing_control_plane):
+    cp = failing_control_plane
+    result = await run(*CREATE, "--watch", "--timeout", "30", env=cli_env(cp))
+    assert result.code == 1, result.err
+    assert "startup_failed" in result.err and "Boot timed out" in result.err
+    instance_id = result.out.strip()
+
+    # Watching it afterwards (it has been cleaned up by then) still reports the failure.
+    async with cp.client() as client:
+        async def cleaned_up():
+            return (await client.get(f"/v1/instances/{instance_id}")).json()["status"] == "terminated"
+        await eventually(cleaned_up, timeout=20, message="failed instance terminated")
+    again = await run("watch", instance_id, "--timeout", "10", env=cli_env(cp))
+    assert again.code == 1 and "Boot timed out" in again.out
+    until_gone = await run("watch", instance_id, "--until", "terminated", env=cli_env(cp))
+    assert until_gone.code == 0, until_gone
+
+
+@pytest.fixture
+async def slow_control_plane(settings):
+    async with RunningControlPlane(dataclasses.replace(settings, local_boot_seconds=3)) as cp:
+        yield cp
+
+
+async def test_watch_resumes_after_a_dropped_connection_without_losing_events(slow_control_plane):
+    cp = slow_control_plane
+    instance_id = await created(cp, cli_env(cp))
+    proxy = await CuttableProxy.start(cp.settings.port)
+    try:
+        proc = await start("watch", instance_id, "--json", "--timeout", "30",
+                           env=cli_env(cp, CP_API_URL=proxy.url))
+        lines = [json.loads(await asyncio.wait_for(proc.stdout.readline(), 10)) for _ in range(2)]
+        assert lines[0]["type"] == "instance.snapshot"
+        opened = proxy.opened
+        proxy.cut()
+        rest, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        assert proxy.opened > opened, "the watch finished before the connection was cut"
+    finally:
+        proxy.close()
+
+    seen = [e for e in lines[1:] + [json.loads(x) for x in rest.decode().splitlines()]]
+    ids = [e["event_id"] for e in seen]
+    assert ids == sorted(set(ids)), "an event was repeated or reordered"
+    assert seen[-1]["type"] == "instance.status" and seen[-1]["status"] == "ready"
+    assert ids == [e["event_id"] for e in await feed(cp, instance_id, until_id=ids[-1])]
+
+
+async def feed(cp: RunningControlPlane, instance_id: str, until_id: int) -> list[dict[str, Any]]:
+    """The instance's stored events, straight from the server, up to `until_id`."""
+    events = []
+    async with cp.client(timeout=httpx.Timeout(10, read=30)) as client:
+        async with aconnect_sse(client, "GET", "/v1/events", headers={"Last-Event-ID": "0"},
+                                params={"instance_id": instance_id,
+                                        "type": ["instance.*", "command.*"]}) as source:
+            async for sse in source.aiter_sse():
+                if sse.data:
+                    events.append(json.loads(sse.data))
+                    if events[-1]["event_id"] >= until_id:
+                        return events
+    return events
+
+
+class CuttableProxy:
+    """A TCP proxy whose open connections the test can drop at once."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.url = ""
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @classmethod
+    async def start(cls, upstream_port: int) -> CuttableProxy:
+        proxy = cls()
+
+        async def handle(reader, writer):
+            proxy.opened += 1
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+            proxy._writers += [writer, up_writer]
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                                 return_exceptions=True)
+
+        proxy._server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        proxy.url = f"http://127.0.0.1:{proxy._server.sockets[0].getsockname()[1]}"
+        return proxy
+
+    def cut(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+        self._writers.clear()
+
+    def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
