@@ -260,9 +260,7 @@ class _Readiness:
                 self.problem = f"warmup completion failed: {exc}"
                 return False
             self._warmed = True
-            self._report(
-                "warmup_done", f"chat completion (max_tokens=1) answered in {seconds:.2f}s"
-            )
+            self._report("warmup_done", f"one-token completion answered in {seconds:.2f}s")
         try:
             models = await self._http.served_models()
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
@@ -278,7 +276,10 @@ class _Readiness:
 def _boot_failure(engine: EngineProcess) -> str:
     if engine.failures:
         return f"engine failed during startup: {failure_summary(engine.failures)}"
-    return f"engine exited with code {engine.returncode} during startup; last log line: {engine.last_line}"
+    return (
+        f"engine exited with code {engine.returncode} during startup; "
+        f"last log line: {engine.last_line}"
+    )
 
 
 def _ignore(phase: str, message: str) -> None:

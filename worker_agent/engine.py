@@ -3,7 +3,8 @@
 ``EngineProcess`` starts the command in its own process group, reads its merged
 stdout/stderr line by line for as long as it lives (a full pipe would block the engine),
 records the startup phases the log shows, keeps the last lines for error reports, and stops
-it: SIGTERM, a bounded wait, then SIGKILL to the whole group (vLLM's worker processes too).
+it: SIGTERM, a bounded wait, then SIGKILL to the whole group. Whatever way the engine ends,
+processes left in its group (vLLM's engine core and workers) are killed with it.
 ``EngineHTTP`` is the agent's view of the engine's HTTP API; "connection refused" while
 the process lives means it is still loading.
 """
@@ -140,7 +141,7 @@ class EngineProcess:
                 await asyncio.wait_for(proc.wait(), grace)
             except TimeoutError:
                 log.warning("Engine ignored SIGTERM for %.0fs: killed", grace)
-        self._kill_group()
+                self._kill_group()
         await proc.wait()
         await self.wait_closed(5.0)
         for task in self._tasks:
@@ -148,7 +149,8 @@ class EngineProcess:
         return proc.returncode
 
     def _kill_group(self) -> None:
-        # Our child leads its own session: the group is the engine and its workers only.
+        # The engine leads its own session, so the group is the engine and its workers only.
+        # Called while the leader lives or right after it exits: the id cannot be reused then.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
 
@@ -179,6 +181,7 @@ class EngineProcess:
 
     async def _watch_exit(self) -> None:
         code = await self._proc.wait()
+        self._kill_group()  # workers left behind would hold GPU memory
         log.info("Engine exited: pid %s, exit code %s", self._proc.pid, code)
         self._changed.set()
 

@@ -19,17 +19,19 @@ import msgspec
 
 SCHEMA_FILE = Path(__file__).with_name("command.schema.json")
 NAMESPACE = uuid.UUID("9b0f6f2e-6c1a-4a53-9a53-2f1d1b0c8e11")
+# End of input in both Python and JavaScript regexes (`$` also matches before a final "\n").
+_END = r"(?![\s\S])"
 
-CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$",
+CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+" + _END,
                                         description="Producer-chosen unique id (printable ASCII)")]
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")]
-Provider = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="Provider name, e.g. local, aws, scaleway")]
-Model = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$",
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*" + _END)]
+Provider = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}" + _END, description="Provider name, e.g. local, aws, scaleway")]
+Model = Annotated[str, msgspec.Meta(min_length=1, max_length=512, pattern=r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._:/@-]*" + _END,
                                     description="Model id as vLLM takes it, e.g. meta-llama/Llama-3.2-1B-Instruct")]
-LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")]
-LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
+LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*" + _END)]
+LabelValue = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00]*" + _END)]
 Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
-Reason = Annotated[str, msgspec.Meta(max_length=1000)]
+Reason = Annotated[str, msgspec.Meta(max_length=1000, pattern=r"^[^\x00]*" + _END)]
 
 
 class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):
@@ -88,8 +90,8 @@ def decode(raw: bytes | str) -> Command:
         return _decoder.decode(raw)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidCommand(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise InvalidCommand(f"command is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except UnicodeError as exc:
+        raise InvalidCommand(f"command is not valid UTF-8 ({exc.reason} at {exc.start})") from None
 
 
 def encode(command: Command) -> bytes:

@@ -75,7 +75,7 @@ async def trim_acknowledged(redis: Redis, stream: str, group: str) -> int:
     summary = await redis.xpending(stream, group)
     if summary["pending"]:
         floor = min(floor, summary["min"].decode(), key=_stream_id)
-    return await redis.xtrim(stream, minid=floor)
+    return await redis.xtrim(stream, minid=floor, approximate=False)
 
 
 def _stream_id(entry_id: str) -> tuple[int, int]:

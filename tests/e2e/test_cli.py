@@ -22,6 +22,7 @@ from tests.conftest import RunningControlPlane, eventually, free_port
 
 CLI = str(Path(sys.executable).parent / "control-plane")
 MODEL = "meta-llama/Llama-3.2-1B-Instruct"
+RUN_TIMEOUT = 45.0
 CREATE = ("create", "--provider", "local", "--instance-type", "local-gpu", "--model", MODEL)
 
 
@@ -46,10 +47,10 @@ async def start(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-async def run(*args: str, env: dict[str, str], timeout: float = 30) -> Run:
+async def run(*args: str, env: dict[str, str]) -> Run:
     proc = await start(*args, env=env)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
     except TimeoutError:
         proc.kill()
         await proc.wait()
@@ -70,13 +71,13 @@ async def created(cp: RunningControlPlane, env: dict[str, str]) -> str:
     return body["id"]
 
 
-def assert_one_line_error(result: Run, *fragments: str) -> None:
-    assert result.code == 2, result
-    assert result.out == ""
-    assert "Traceback" not in result.err
-    assert len(result.err.strip().splitlines()) == 1, result.err
+def assert_one_line_error(result: Run, *fragments: str, what: str) -> None:
+    assert result.code == 2, (what, result)
+    assert result.out == "", what
+    assert "Traceback" not in result.err, what
+    assert len(result.err.strip().splitlines()) == 1, (what, result.err)
     for fragment in fragments:
-        assert fragment in result.err, result.err
+        assert fragment in result.err, (what, result.err)
 
 
 async def test_create_watch_list_show_terminate(control_plane):
@@ -89,14 +90,15 @@ async def test_create_watch_list_show_terminate(control_plane):
     assert f"{instance_id}  ready  100%" in watched.out
     assert "booting → ready" in watched.err and "100%" in watched.err
 
-    listed = await run("list", "--json", "--label", "team=search", "--status", "ready", env=env)
+    listed, human_list, shown, human_show = await asyncio.gather(
+        run("list", "--json", "--label", "team=search", "--status", "ready", env=env),
+        run("list", env=env), run("show", instance_id, "--json", env=env),
+        run("show", instance_id, env=env))
     assert listed.code == 0, listed.err
     page = json.loads(listed.out)
     assert [i["id"] for i in page["items"]] == [instance_id] and page["next"] is None
-    human = await run("list", env=env)
-    assert instance_id in human.out and "ready" in human.out and "100%" in human.out
+    assert instance_id in human_list.out and "ready" in human_list.out and "100%" in human_list.out
 
-    shown = await run("show", instance_id, "--json", env=env)
     assert shown.code == 0, shown.err
     body = json.loads(shown.out)
     assert (body["status"], body["progress"]) == ("ready", 100)
@@ -104,9 +106,8 @@ async def test_create_watch_list_show_terminate(control_plane):
         "create", "provisioning_to_booting", "booting_to_ready"]
     assert {a["action_type"] for a in body["actions"]} >= {"PROVIDER_CREATE", "READY"}
     assert {v["volume_type"] for v in body["volumes"]} == {"local-boot", "local-model-cache"}
-    human = await run("show", instance_id, env=env)
-    assert "State history" in human.out and "booting_to_ready" in human.out
-    assert "local-model-cache" in human.out and "PROVIDER_CREATE" in human.out
+    assert "State history" in human_show.out and "booting_to_ready" in human_show.out
+    assert "local-model-cache" in human_show.out and "PROVIDER_CREATE" in human_show.out
 
     terminated = await run("terminate", instance_id, env=env)
     assert terminated.code == 0, terminated.err
@@ -129,27 +130,29 @@ async def test_create_watch_reads_the_saved_key_and_prints_the_id_last(control_p
 
 
 async def test_errors_are_one_line_with_exit_code_2(control_plane):
+    from control_plane.runtime import create_api_key
+
     cp = control_plane
     env = cli_env(cp)
     unknown = str(uuid.uuid4())
-
-    assert_one_line_error(await run("list", env=cli_env(cp, CP_API_KEY="cpk_wrong")),
-                          "API key rejected", "CP_API_KEY")
-    for args in (("show", unknown), ("watch", unknown), ("terminate", unknown)):
-        assert_one_line_error(await run(*args, env=env), f"no instance {unknown}")
     unreachable = f"http://127.0.0.1:{free_port()}"
-    assert_one_line_error(await run("list", env=cli_env(cp, CP_API_URL=unreachable)),
-                          f"cannot reach the control plane at {unreachable}", "control-plane up")
-    bad = await run("create", "--provider", "local", "--instance-type", "no-such-type",
-                    "--model", MODEL, env=env)
-    assert_one_line_error(bad, "no-such-type", "instance_type:")
-    assert_one_line_error(await run("list", env=cli_env(CP_DATA_DIR="/nonexistent")), "no API key")
-
-    from control_plane.runtime import create_api_key
-
     read_key = await create_api_key(cp.runtime.sessions, "reader", ["read"])
-    assert_one_line_error(await run("terminate", unknown, env=cli_env(cp, CP_API_KEY=read_key)),
-                          "admin key")
+    cases = [
+        (("list",), cli_env(cp, CP_API_KEY="cpk_wrong"), ("API key rejected", "CP_API_KEY")),
+        (("list",), cli_env(CP_DATA_DIR="/nonexistent"), ("no API key",)),
+        (("list",), cli_env(cp, CP_API_URL=unreachable),
+         (f"cannot reach the control plane at {unreachable}", "control-plane up")),
+        (("show", unknown), env, (f"no instance {unknown}",)),
+        (("watch", unknown), env, (f"no instance {unknown}",)),
+        (("terminate", unknown), env, (f"no instance {unknown}",)),
+        (("drain", unknown), env, (f"no instance {unknown}",)),
+        (("create", "--provider", "local", "--instance-type", "no-such-type", "--model", MODEL),
+         env, ("no-such-type", "instance_type:")),
+        (("terminate", unknown), cli_env(cp, CP_API_KEY=read_key), ("admin key",)),
+    ]
+    results = await asyncio.gather(*(run(*args, env=e) for args, e, _ in cases))
+    for (args, _, fragments), result in zip(cases, results, strict=True):
+        assert_one_line_error(result, *fragments, what=" ".join(args))
 
 
 @pytest.fixture

@@ -72,9 +72,7 @@ async def test_port_is_refused_while_loading_then_serves_and_stops_on_sigterm() 
 
 async def test_sigterm_during_boot_exits_0() -> None:
     proc, lines = await start("--port", str(free_port()), "--boot-seconds", "30")
-    await wait_until(
-        lambda: any("Initializing a V1 LLM engine" in line for line in lines), "engine init"
-    )
+    await wait_until(lambda: any("vLLM API server version" in line for line in lines), "banner")
 
     proc.send_signal(signal.SIGTERM)
 

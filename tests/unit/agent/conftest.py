@@ -11,11 +11,15 @@ VLLM_FIXTURES = Path(__file__).resolve().parents[3] / ".." / "shared" / "fixture
 
 @pytest.fixture
 def vllm_fixture() -> Callable[[str], str]:
-    """Read a fixture without its ``# source:`` line, raw (``\\r`` kept, no newline translation)."""
+    """Read a fixture raw (``\\r`` kept, no newline translation), minus its ``# source:`` line.
+
+    JSON fixtures have no such line.
+    """
 
     def read(name: str) -> str:
         path = VLLM_FIXTURES / name
         assert path.exists(), f"missing fixture {path}"
-        return path.read_bytes().decode("utf-8").split("\n", 1)[1]
+        text = path.read_bytes().decode("utf-8")
+        return text.split("\n", 1)[1] if text.startswith("# source:") else text
 
     return read
