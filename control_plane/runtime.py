@@ -77,10 +77,13 @@ class Runtime:
             self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings)
             self._scheduler.start()
 
-    async def stop(self) -> None:
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Let the loops finish their current step (bounded), then cancel what remains."""
         self.stop_event.set()
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace_seconds)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -123,7 +126,7 @@ class Runtime:
         try:
             while not self.stop_event.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(sub.queue.get(), 5.0)
+                    await asyncio.wait_for(sub.queue.get(), 1.0)  # also bounds shutdown
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
                 if sub.overflowed:

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections import deque
@@ -71,7 +72,8 @@ class EngineProcess:
     def __init__(self, command: list[str], env: Mapping[str, str]) -> None:
         self.command = command
         self._env = dict(env)
-        self._proc: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._protocol = _EngineProtocol()
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self.phases: dict[Phase, str] = {}
@@ -82,15 +84,15 @@ class EngineProcess:
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
+        return self._transport.get_pid() if self._transport else None
 
     @property
     def returncode(self) -> int | None:
-        return self._proc.returncode if self._proc else None
+        return self._transport.get_returncode() if self._transport else None
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
+        return self._transport is not None and self.returncode is None
 
     @property
     def last_line(self) -> str:
@@ -98,16 +100,17 @@ class EngineProcess:
 
     async def start(self) -> None:
         """Start the process (``OSError`` if the command cannot run)."""
-        self._proc = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.subprocess_exec(
+            lambda: self._protocol,
             *self.command,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             env=self._env,
             start_new_session=True,
-            limit=_LINE_LIMIT,
         )
-        log.info("Engine started: pid %s, %s", self._proc.pid, " ".join(self.command))
+        log.info("Engine started: pid %s, %s", self.pid, " ".join(self.command))
         self._tasks = [
             asyncio.create_task(self._read_output(), name="engine-output"),
             asyncio.create_task(self._watch_exit(), name="engine-exit"),
@@ -120,9 +123,10 @@ class EngineProcess:
         self._changed.clear()
 
     async def wait(self) -> int:
-        """Wait for the process to exit; return its exit code."""
-        assert self._proc is not None, "engine not started"
-        return await self._proc.wait()
+        """Wait for the process to exit (even if its workers still hold its output)."""
+        assert self._transport is not None, "engine not started"
+        await self._protocol.exited.wait()
+        return self.returncode
 
     async def wait_closed(self, seconds: float) -> None:
         """Wait at most ``seconds`` for the exit and for the last output line to be read."""
@@ -131,31 +135,31 @@ class EngineProcess:
 
     async def stop(self, grace: float = 30.0) -> int | None:
         """Stop the engine: SIGTERM, wait ``grace`` seconds, then SIGKILL its process group."""
-        proc = self._proc
-        if proc is None:
+        if self._transport is None:
             return None
-        if proc.returncode is None:
+        if self.alive:
             with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+                self._transport.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), grace)
+                await asyncio.wait_for(self.wait(), grace)
             except TimeoutError:
                 log.warning("Engine ignored SIGTERM for %.0fs: killed", grace)
                 self._kill_group()
-        await proc.wait()
+                await self.wait()
         await self.wait_closed(5.0)
         for task in self._tasks:
             task.cancel()
-        return proc.returncode
+        self._transport.close()
+        return self.returncode
 
     def _kill_group(self) -> None:
         # The engine leads its own session, so the group is the engine and its workers only.
         # Called while the leader lives or right after it exits: the id cannot be reused then.
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+            os.killpg(self.pid, signal.SIGKILL)
 
     async def _read_output(self) -> None:
-        stream = self._proc.stdout
+        stream = self._protocol.output
         while True:
             try:
                 raw = await stream.readline()
@@ -180,10 +184,28 @@ class EngineProcess:
         self._changed.set()
 
     async def _watch_exit(self) -> None:
-        code = await self._proc.wait()
-        self._kill_group()  # workers left behind would hold GPU memory
-        log.info("Engine exited: pid %s, exit code %s", self._proc.pid, code)
+        code = await self.wait()
+        self._kill_group()  # workers left behind would hold GPU memory (and our pipe)
+        log.info("Engine exited: pid %s, exit code %s", self.pid, code)
         self._changed.set()
+
+
+class _EngineProtocol(asyncio.SubprocessProtocol):
+    """Output as a stream, and the exit as an event that does not wait for the pipe to close
+    (``asyncio.subprocess.Process.wait`` does, and a surviving worker keeps it open)."""
+
+    def __init__(self) -> None:
+        self.output = asyncio.StreamReader(limit=_LINE_LIMIT)
+        self.exited = asyncio.Event()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.output.feed_data(data)
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.output.feed_eof()
+
+    def process_exited(self) -> None:
+        self.exited.set()
 
 
 class EngineHTTP:

@@ -134,6 +134,9 @@ class LifecycleWorker:
                 await asyncio.wait(self._tasks, timeout=self._s.provider_call_timeout_seconds)
         finally:
             listener.cancel()
+            for task in list(self._tasks):  # their leases expire; another worker redoes the step
+                task.cancel()
+            await asyncio.gather(listener, *self._tasks, return_exceptions=True)
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)

@@ -32,6 +32,7 @@ async def test_phases_and_failures_are_read_from_the_engine_output() -> None:
     assert len(engine.failures) == 4
     assert engine.last_line.endswith("Failed core proc(s): {}")
     assert len(engine.tail) == 200  # the log has more lines: only the last ones are kept
+    assert await engine.stop() == 0
 
 
 async def test_workers_left_behind_by_an_exited_engine_are_killed() -> None:
@@ -43,6 +44,7 @@ async def test_workers_left_behind_by_an_exited_engine_are_killed() -> None:
     worker = int(re.search(r"worker (\d+)", "\n".join(engine.tail)).group(1))
 
     await wait_until(lambda: not pid_alive(worker), "the worker to be killed", seconds=5)
+    await engine.stop()
 
 
 async def test_stop_escalates_to_sigkill_for_the_whole_group() -> None:
