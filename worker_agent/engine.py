@@ -109,6 +109,7 @@ class EngineProcess:
             stderr=subprocess.STDOUT,
             env=self._env,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.info("Engine started: pid %s, %s", self.pid, " ".join(self.command))
         self._tasks = [
@@ -266,3 +267,12 @@ class EngineHTTP:
         except httpx.HTTPError:
             return {}
         return vllm_summary(response.text)
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the agent dies, even by SIGKILL (Linux), so an engine
+    holding GPU memory never outlives its supervisor."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

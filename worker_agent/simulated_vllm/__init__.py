@@ -9,7 +9,8 @@ a real ``vllm serve``, copied from recorded logs and responses (``shared/fixture
   labels, counters that grow with requests) and OpenAI ``/v1/chat/completions`` and
   ``/v1/completions``, streaming or not, honouring ``max_tokens``;
 - ``--fail kv_cache`` ends the boot with vLLM's KV-cache-memory error and a non-zero exit;
-- SIGTERM/SIGINT shut it down cleanly with exit code 0.
+- SIGTERM/SIGINT shut it down cleanly with exit code 0 (so does a broken stdout: the agent
+  reading it is gone).
 
 Run it as ``python -m worker_agent.simulated_vllm --model M --host H --port P ...``.
 """
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    log = BootLog(sys.stdout)
+    log = BootLog(sys.stdout, stop)
     served_name = args.served_model_name or args.model
     outcome = run_boot(
         log,

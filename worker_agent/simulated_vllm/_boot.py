@@ -38,11 +38,13 @@ _CORE = "/opt/venv/lib/python3.12/site-packages/vllm/v1/engine/core.py"
 class BootLog:
     """Writes lines like vLLM does, ``(APIServer pid=1) INFO 04-28 11:13:35 [f.py:1] msg``.
 
-    Thread-safe (HTTP handler threads write access lines); flushes every line.
+    Thread-safe (HTTP handler threads write access lines); flushes every line. When the
+    reader of ``out`` is gone (the agent died), it sets ``stop``: nobody supervises us now.
     """
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, stop: threading.Event) -> None:
         self._out = out
+        self._stop = stop
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -52,8 +54,11 @@ class BootLog:
 
     def raw(self, line: str) -> None:
         with self._lock:
-            self._out.write(line + "\n")
-            self._out.flush()
+            try:
+                self._out.write(line + "\n")
+                self._out.flush()
+            except (BrokenPipeError, ValueError):  # ValueError: closed after a broken pipe
+                self._stop.set()
 
 
 def run_boot(

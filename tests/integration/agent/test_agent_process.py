@@ -3,6 +3,7 @@ control plane: boot progress, /info, heartbeats, the engine's API, crash restart
 
 import json
 import os
+import asyncio
 import signal
 from datetime import datetime
 
@@ -173,3 +174,12 @@ async def test_sigterm_during_boot_stops_the_engine_and_exits_0(control_plane, r
 
     assert not pid_alive(engine_pid)
     assert control_plane.phases() == ["engine_started"]
+
+
+async def test_sigkill_of_the_agent_takes_the_engine_with_it(control_plane, run_agent) -> None:
+    agent = await run_agent(sim_boot_seconds="0.5")  # ready: a quiet engine, no broken pipe
+    await wait_until(lambda: "health_check_passed" in control_plane.phases(), "ready")
+    engine_pid = agent.engine_pids()[0]
+    agent.proc.send_signal(signal.SIGKILL)
+    await asyncio.wait_for(agent.proc.wait(), 10)
+    await wait_until(lambda: not pid_alive(engine_pid), "engine gone with its agent")

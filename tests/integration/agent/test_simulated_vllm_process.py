@@ -3,8 +3,11 @@
 import asyncio
 import signal
 import sys
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
+import pytest
 from agent_harness import free_port, port_open, wait_until
 
 from worker_agent.engine_log import Phase, parse_phase
@@ -12,23 +15,34 @@ from worker_agent.engine_log import Phase, parse_phase
 MODEL = "sim/model"
 
 
-async def start(*args: str) -> tuple[asyncio.subprocess.Process, list[str]]:
-    """Start the simulated vLLM; its stdout lines are collected as they come."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker_agent.simulated_vllm", "--model", MODEL, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    lines: list[str] = []
+@pytest.fixture
+async def start() -> AsyncIterator[Callable[..., Awaitable[tuple[Process, list[str]]]]]:
+    """Start simulated vLLMs (stdout lines collected as they come); kill leftovers after."""
+    procs: list[Process] = []
 
-    async def collect() -> None:
-        while raw := await proc.stdout.readline():
-            lines.append(raw.decode().rstrip("\n"))
+    async def start_one(*args: str) -> tuple[Process, list[str]]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "worker_agent.simulated_vllm", "--model", MODEL, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        procs.append(proc)
+        lines: list[str] = []
 
-    proc.collector = asyncio.create_task(collect())
-    return proc, lines
+        async def collect() -> None:
+            while raw := await proc.stdout.readline():
+                lines.append(raw.decode().rstrip("\n"))
+
+        proc.collector = asyncio.create_task(collect())
+        return proc, lines
+
+    yield start_one
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
-async def finish(proc: asyncio.subprocess.Process) -> int:
+async def finish(proc: Process) -> int:
     code = await asyncio.wait_for(proc.wait(), 10)
     await asyncio.wait_for(proc.collector, 5)
     return code
@@ -38,7 +52,7 @@ def phases(lines: list[str]) -> list[Phase]:
     return list(dict.fromkeys(p for line in lines if (p := parse_phase(line))))
 
 
-async def test_port_is_refused_while_loading_then_serves_and_stops_on_sigterm() -> None:
+async def test_port_is_refused_while_loading_then_serves_and_stops_on_sigterm(start) -> None:
     port = free_port()
     proc, lines = await start("--port", str(port), "--boot-seconds", "1.0")
     try:
@@ -70,7 +84,7 @@ async def test_port_is_refused_while_loading_then_serves_and_stops_on_sigterm() 
     assert not port_open(port)
 
 
-async def test_sigterm_during_boot_exits_0() -> None:
+async def test_sigterm_during_boot_exits_0(start) -> None:
     proc, lines = await start("--port", str(free_port()), "--boot-seconds", "30")
     await wait_until(lambda: any("vLLM API server version" in line for line in lines), "banner")
 
@@ -80,7 +94,7 @@ async def test_sigterm_during_boot_exits_0() -> None:
     assert not any("Application startup complete." in line for line in lines)
 
 
-async def test_kv_cache_failure_prints_the_error_and_exits_non_zero_without_binding() -> None:
+async def test_kv_cache_failure_prints_the_error_and_exits_non_zero_without_binding(start) -> None:
     port = free_port()
     proc, lines = await start("--port", str(port), "--boot-seconds", "0.3", "--fail", "kv_cache")
 
@@ -95,7 +109,7 @@ async def test_kv_cache_failure_prints_the_error_and_exits_non_zero_without_bind
     assert not port_open(port)
 
 
-async def test_completions_non_streaming_honour_max_tokens_and_count_requests() -> None:
+async def test_completions_non_streaming_honour_max_tokens_and_count_requests(start) -> None:
     port = free_port()
     proc, lines = await start(
         "--port", str(port), "--boot-seconds", "0", "--served-model-name", "short"
