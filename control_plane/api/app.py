@@ -8,6 +8,7 @@ import structlog
 from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.openapi.plugins import JsonRenderPlugin
 from sqlalchemy import text
 
@@ -26,12 +27,12 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 
-@get("/healthz", summary="Liveness", tags=["health"])
+@get("/healthz", summary="Liveness", tags=["health"], security=[{}])
 async def healthz() -> Health:
     return Health(status="ok")
 
 
-@get("/readyz", summary="Readiness: Postgres and Redis answer", tags=["health"])
+@get("/readyz", summary="Readiness: Postgres and Redis answer", tags=["health"], security=[{}])
 async def readyz(request: Request) -> Response[Health]:
     runtime = request.app.state.runtime
     checks: dict[str, str] = {}
@@ -96,6 +97,11 @@ def create_app(runtime: Runtime) -> Litestar:
             title="GPU control plane", version="1", path="/schema",
             render_plugins=[JsonRenderPlugin()],
             description="Admin API: send `Authorization: Bearer <API key>`.",
+            components=Components(security_schemes={
+                "apiKey": SecurityScheme(type="http", scheme="bearer", description="Admin API key"),
+                "agentToken": SecurityScheme(type="http", scheme="bearer", description="An instance's agent token"),
+            }),
+            security=[{"apiKey": []}],
         ),
         request_max_body_size=1024 * 1024,
         debug=False,

@@ -14,7 +14,7 @@ from typing import Annotated
 
 from litestar import Controller, Request, get
 from litestar.exceptions import ValidationException
-from litestar.params import Parameter
+from litestar.params import HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from control_plane.feed.hub import FeedEvent, FeedFilter, FeedHub
@@ -29,10 +29,10 @@ class EventController(Controller):
     @get("/", summary="Live event feed (text/event-stream)")
     async def stream(
         self, request: Request,
-        instance_id: uuid.UUID | None = None,
-        type: Annotated[list[str] | None, Parameter(description="Event type or prefix* (repeatable)")] = None,
-        last_event_id_header: Annotated[str | None, Parameter(header="Last-Event-ID")] = None,
-        last_event_id: Annotated[int | None, Parameter(ge=0, description="Resume after this id (for clients that cannot set the header)")] = None,
+        instance_id: Annotated[uuid.UUID | None, QueryParameter()] = None,
+        type: Annotated[list[str] | None, QueryParameter(description="Event type or prefix* (repeatable)")] = None,
+        last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
+        last_event_id: Annotated[int | None, QueryParameter(ge=0, description="Resume after this id (for clients that cannot set the header)")] = None,
     ) -> ServerSentEvent:
         resume = last_event_id
         if last_event_id_header is not None:

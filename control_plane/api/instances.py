@@ -6,7 +6,7 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, Request, delete, get, post
-from litestar.params import Parameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from control_plane import queries
 from control_plane.api.schemas import (
@@ -30,8 +30,9 @@ from control_plane.commands.schema import (
 )
 from control_plane.lifecycle.states import Status
 
-Limit = Annotated[int, Parameter(ge=1, le=1000, description="Page size")]
-Cursor = Annotated[str | None, Parameter(max_length=200, description="`next` of the previous page")]
+Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size")]
+Cursor = Annotated[str | None, QueryParameter(max_length=200, description="`next` of the previous page")]
+InstanceId = FromPath[uuid.UUID]
 
 
 class InstanceController(Controller):
@@ -39,7 +40,7 @@ class InstanceController(Controller):
     tags = ["instances"]
 
     @post("/", status_code=202, summary="Request a GPU instance")
-    async def create(self, request: Request, data: CreateInstanceBody) -> Accepted:
+    async def create(self, request: Request, data: JSONBody[CreateInstanceBody]) -> Accepted:
         runtime = request.app.state.runtime
         await runtime.providers.validate(data.provider, data.instance_type, data.zone)
         command_id = f"api:create:{data.idempotency_key or uuid.uuid4()}"
@@ -54,9 +55,9 @@ class InstanceController(Controller):
     @get("/", summary="List instances")
     async def list(
         self, request: Request,
-        status: Annotated[list[Status] | None, Parameter(description="Filter by status (repeatable)")] = None,
-        provider: Annotated[str | None, Parameter(max_length=32)] = None,
-        label: Annotated[list[str] | None, Parameter(description="key=value (repeatable)")] = None,
+        status: Annotated[list[Status] | None, QueryParameter(description="Filter by status (repeatable)")] = None,
+        provider: Annotated[str | None, QueryParameter(max_length=32)] = None,
+        label: Annotated[list[str] | None, QueryParameter(description="key=value (repeatable)")] = None,
         limit: Limit = 100, cursor: Cursor = None,
     ) -> InstancePage:
         labels = dict(_label(v) for v in label or [])
@@ -66,31 +67,31 @@ class InstanceController(Controller):
                 labels=labels, limit=limit, cursor=cursor)
 
     @get("/{instance_id:uuid}", summary="Show an instance with its status, progress and phase")
-    async def show(self, request: Request, instance_id: uuid.UUID) -> InstanceOut:
+    async def show(self, request: Request, instance_id: InstanceId) -> InstanceOut:
         async with request.app.state.runtime.sessions() as session:
             return await queries.get_instance(session, instance_id)
 
     @get("/{instance_id:uuid}/history", summary="State changes, oldest first")
-    async def history(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+    async def history(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> HistoryPage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.history(session, instance_id, limit, cursor)
 
     @get("/{instance_id:uuid}/actions", summary="Actions with durations and errors, oldest first")
-    async def actions(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+    async def actions(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> ActionPage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.actions(session, instance_id, limit, cursor)
 
     @get("/{instance_id:uuid}/volumes", summary="Volumes and what became of them")
-    async def volumes(self, request: Request, instance_id: uuid.UUID, limit: Limit = 100,
+    async def volumes(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> VolumePage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.volumes(session, instance_id, limit, cursor)
 
     @post("/{instance_id:uuid}/drain", status_code=202, summary="Drain, then terminate")
-    async def drain(self, request: Request, instance_id: uuid.UUID,
-                    data: ReasonBody | None = None) -> Accepted:
+    async def drain(self, request: Request, instance_id: InstanceId,
+                    data: JSONBody[ReasonBody | None] = None) -> Accepted:
         runtime = request.app.state.runtime
         await _ensure_exists(runtime, instance_id)
         command_id = f"api:drain:{uuid.uuid4()}"
@@ -100,7 +101,7 @@ class InstanceController(Controller):
         return Accepted(id=instance_id, command_id=command_id)
 
     @delete("/{instance_id:uuid}", status_code=202, summary="Terminate")
-    async def terminate(self, request: Request, instance_id: uuid.UUID) -> Accepted:
+    async def terminate(self, request: Request, instance_id: InstanceId) -> Accepted:
         runtime = request.app.state.runtime
         await _ensure_exists(runtime, instance_id)
         command_id = f"api:terminate:{uuid.uuid4()}"
@@ -124,12 +125,12 @@ def _label(value: str) -> tuple[str, str]:
     return key, val
 
 
-async def _ensure_exists(runtime, instance_id: uuid.UUID) -> None:
+async def _ensure_exists(runtime, instance_id: InstanceId) -> None:
     async with runtime.sessions() as session:
         await queries.get_instance(session, instance_id)
 
 
-async def _ensure_new(runtime, instance_id: uuid.UUID, command_id: str) -> None:
+async def _ensure_new(runtime, instance_id: InstanceId, command_id: str) -> None:
     """A client-chosen id must be new, unless this very request created it (a retry)."""
     from sqlalchemy import text
 
