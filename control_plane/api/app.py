@@ -8,8 +8,8 @@ import structlog
 from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.spec import Components, SecurityScheme
 from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
 from sqlalchemy import text
 
 from control_plane.agents import AgentConflict

@@ -8,16 +8,12 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from control_plane.commands.schema import CommandId, Labels, Model, Name, Provider, Reason
+from control_plane.commands.schema import CommandId, CreatePayload, Reason
 
 
-class CreateInstanceBody(msgspec.Struct, forbid_unknown_fields=True):
-    provider: Provider
-    instance_type: Name
-    model: Model
-    zone: Name | None = None
-    labels: Labels = {}
-    instance_id: uuid.UUID | None = None
+class CreateInstanceBody(CreatePayload, forbid_unknown_fields=True):
+    """The `instance.create` payload, plus the HTTP-only idempotency key."""
+
     idempotency_key: CommandId | None = None
     """Repeating a request with the same key creates one instance (same `id` answered)."""
 

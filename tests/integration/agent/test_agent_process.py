@@ -1,9 +1,9 @@
 """``python -m worker_agent`` as a real process, with the simulated vLLM, against a stub
 control plane: boot progress, /info, heartbeats, the engine's API, crash restart, stop."""
 
+import asyncio
 import json
 import os
-import asyncio
 import signal
 from datetime import datetime
 
