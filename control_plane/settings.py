@@ -78,6 +78,8 @@ class Settings:
     """Longest a draining instance waits for in-flight requests before termination."""
     archive_after_seconds: float = 7 * 24 * 3600.0
     """Age of a terminated instance before it is archived."""
+    events_retention_seconds: float = 30 * 24 * 3600.0
+    """Age after which feed events are deleted (SSE clients cannot resume from before it)."""
 
     agent_heartbeat_seconds: float = 10.0
     """Heartbeat interval the control plane configures on its agents."""

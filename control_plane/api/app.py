@@ -10,6 +10,9 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from control_plane.agents import AgentConflict
@@ -72,6 +75,11 @@ def _bad_request(_: Request, exc: Exception) -> Response:
     return _error(400, str(exc), [{"key": field, "message": str(exc)}])
 
 
+def _unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("Dependency unavailable", path=request.url.path, error=type(exc).__name__)
+    return _error(503, "the command stream or database is unavailable; retry shortly")
+
+
 def _internal(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):
         return _error(exc.status_code, exc.detail, getattr(exc, "extra", None) or None)
@@ -91,6 +99,12 @@ def create_app(runtime: Runtime) -> Litestar:
             UnknownOffer: _bad_request,
             BadCursor: _bad_request,
             ValidationException: _internal,
+            RedisConnectionError: _unavailable,
+            RedisTimeoutError: _unavailable,
+            OSError: _unavailable,
+            sa_exc.OperationalError: _unavailable,
+            sa_exc.InterfaceError: _unavailable,
+            sa_exc.TimeoutError: _unavailable,
             Exception: _internal,
         },
         openapi_config=OpenAPIConfig(

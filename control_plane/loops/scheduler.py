@@ -44,7 +44,11 @@ def build_scheduler(
     async def trim_command_stream() -> int:
         return await trim_acknowledged(redis, settings.command_stream, settings.consumer_group)
 
+    async def prune_events() -> int:
+        return await delete_old_events(sessions, settings.events_retention_seconds)
+
     scheduler.add_job(leader_only(archive_terminated), "interval", minutes=10, id="archive")
+    scheduler.add_job(leader_only(prune_events), "interval", hours=1, id="prune-events")
     scheduler.add_job(leader_only(trim_command_stream), "interval", minutes=1, id="trim")
     return scheduler
 
@@ -63,6 +67,20 @@ async def archive_old_instances(sessions: async_sessionmaker[AsyncSession], age_
     if archived:
         log.info("Instances archived", count=archived)
     return archived
+
+
+async def delete_old_events(sessions: async_sessionmaker[AsyncSession], age_seconds: float) -> int:
+    """Delete feed events older than `age_seconds`, in batches (short transactions)."""
+    deleted = 0
+    while True:
+        async with sessions.begin() as session:
+            batch = (await session.execute(
+                text("DELETE FROM events WHERE id IN (SELECT id FROM events"
+                     " WHERE at < now() - make_interval(secs => :age) ORDER BY id LIMIT 5000)"),
+                {"age": age_seconds})).rowcount
+        deleted += batch
+        if batch < 5000:
+            return deleted
 
 
 async def trim_acknowledged(redis: Redis, stream: str, group: str) -> int:

@@ -177,3 +177,36 @@ async def test_openapi_is_served_without_a_key(control_plane):
     async with control_plane.client(key=None) as anon:
         spec = (await anon.get("/schema/openapi.json")).json()
     assert "/v1/instances" in spec["paths"] and "/v1/events" in spec["paths"]
+
+
+async def test_an_unreachable_command_stream_is_a_503_not_a_500(control_plane):
+    from redis.asyncio import Redis
+
+    from tests.conftest import free_port
+
+    working = control_plane.runtime.redis
+    control_plane.runtime.redis = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0",
+                                                 socket_connect_timeout=1)
+    try:
+        async with control_plane.client() as client:
+            response = await client.post("/v1/instances", json={
+                "provider": "local", "instance_type": "local-gpu", "model": "org/m"})
+            ready = await client.get("/readyz")
+    finally:
+        await control_plane.runtime.redis.aclose()
+        control_plane.runtime.redis = working
+    assert response.status_code == 503 and "retry" in response.json()["detail"]
+    assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("error")
+
+
+async def test_idle_sse_connections_get_keep_alive_comments(control_plane):
+    async with control_plane.client(timeout=httpx.Timeout(10, read=5)) as client:
+        async with client.stream("GET", "/v1/events") as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            comments = []
+            async for line in response.aiter_lines():
+                if line.startswith(":"):
+                    comments.append(line)
+                if len(comments) == 2:
+                    break
+    assert comments == [": connected", ": keep-alive"]
