@@ -243,6 +243,8 @@ class Api:
 def _run(url: str, api_key: str | None, data_dir: Path, main: Callable[[Api], Coroutine[Any, Any, int]]) -> None:
     async def session() -> int:
         key = api_key or _saved_key(data_dir)
+        if not (key.isascii() and key.isprintable()):
+            raise CliError("the API key has characters an HTTP header cannot carry")
         try:
             http = httpx.AsyncClient(
                 base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {key}"},
@@ -296,10 +298,12 @@ def _raise_for_status(response: httpx.Response, instance_id: Any = None) -> None
         raise CliError(f"no instance {instance_id}")
     if code == 404:
         raise CliError(f"{response.url} not found — is --url/CP_API_URL a control plane?")
-    if code < 500:
-        extra = [f"{e.get('key')}: {e.get('message')}" for e in body.get("extra") or []
-                 if isinstance(e, dict)]
-        raise CliError("; ".join([f"{detail} ({code})", *extra]))
+    if code < 500:  # 400 (validation), 409 (conflict): the server's words, with each field's
+        extra = [e for e in body.get("extra") or [] if isinstance(e, dict)]
+        fields = "; ".join(f"{e.get('key')}: {e.get('message')}" for e in extra)
+        if any(e.get("message") == detail for e in extra):
+            raise CliError(fields)
+        raise CliError(f"{detail} — {fields}" if fields else detail)
     raise CliError(f"the control plane failed ({code} {detail})")
 
 
@@ -358,6 +362,7 @@ class Watched:
     done: bool = False
     last_event_id: int = 0
     since: datetime = field(default_factory=lambda: datetime.now(UTC))
+    news_after: datetime | None = None  # events before this are history, not news
     ended: datetime | None = None
     task: TaskID | None = None
 
@@ -415,7 +420,8 @@ class Watcher:
                                                follow=True)
         watched = []
         for snap in snapshots:
-            w = Watched(snap["id"], since=_parse_time(snap["created_at"]))
+            w = Watched(snap["id"], since=_parse_time(snap["created_at"]),
+                        news_after=_parse_time(snap["status_changed_at"]))
             self._emit_json({"type": "instance.snapshot", **snap})
             w.failure = snap["failure_reason"] if snap["status"] in FAILED or (
                 snap["failure_reason"] and not snap["ready_at"]) else None
@@ -472,12 +478,12 @@ class Watcher:
         if kind == "instance.status":
             if data["status"] in FAILED:
                 w.failure = message or data["status"]
-            self._log(w, f"{data.get('from_status') or 'requested'} → {data['status']}", message)
+            self._log(w, data, f"{data.get('from_status') or 'requested'} → {data['status']}", message)
             self._apply_status(w, data["status"], data.get("progress"), data.get("phase"))
         elif kind == "instance.progress":
             self._apply_status(w, data.get("status") or w.status, data.get("progress"), data.get("phase"))
         elif kind == "instance.action" and data.get("status") == "failed":
-            self._log(w, f"{data.get('action_type')} failed", str(data.get("error") or ""))
+            self._log(w, data, f"{data.get('action_type')} failed", str(data.get("error") or ""))
         elif kind == "command.rejected" and w.status is None:
             w.failure = f"request rejected: {message}"
             w.done, w.ended = True, datetime.now(UTC)
@@ -506,9 +512,11 @@ class Watcher:
         else:
             self.progress.update(w.task, completed=w.progress, **fields)
 
-    def _log(self, w: Watched, what: str, message: str) -> None:
-        if self.progress is not None:
-            at = datetime.now().strftime("%H:%M:%S")
+    def _log(self, w: Watched, event: dict[str, Any], what: str, message: str) -> None:
+        """A line above the bars for news: events older than the first frame are not news."""
+        at = _parse_time(event["at"]) if event.get("at") else datetime.now(UTC)
+        if self.progress is not None and (w.news_after is None or at >= w.news_after):
+            at = at.astimezone().strftime("%H:%M:%S")
             self.progress.console.print(f"[dim]{at}[/] {w.id[:8]}  {escape(what)}  [dim]{escape(message)}[/]",
                                         soft_wrap=True)
 
@@ -588,10 +596,10 @@ def _print_instance(out: Console, i: dict[str, Any]) -> None:
         ("failure", f"[red]{escape(i['failure_reason'])}[/]" if i["failure_reason"] else None),
         ("agent", escape(f"{agent.get('version')} ({agent.get('build_date')}), checksum"
                          f" {(agent.get('checksum') or '')[:12]}") if agent.get("version") else None),
-        ("heartbeat", _when(i["last_heartbeat_at"])),
-        ("created", _when(i["created_at"])),
-        ("ready", _when(i["ready_at"])),
-        ("terminated", _when(i["terminated_at"])),
+        ("heartbeat", _when(i["last_heartbeat_at"], " UTC")),
+        ("created", _when(i["created_at"], " UTC")),
+        ("ready", _when(i["ready_at"], " UTC")),
+        ("terminated", _when(i["terminated_at"], " UTC")),
     ]
     grid = Table.grid(padding=(0, 2))
     for key, value in rows:
@@ -599,10 +607,10 @@ def _print_instance(out: Console, i: dict[str, Any]) -> None:
             grid.add_row(f"[bold]{key}[/]", value)
     out.print(f"[bold]Instance {i['id']}[/]")
     out.print(grid)
-    out.print(_table("State history", ("FROM", "TO", "TRANSITION", "REASON", "ACTOR", "AT"), [
+    out.print(_table("State history", ("FROM", "TO", "TRANSITION", "REASON", "ACTOR", "AT (UTC)"), [
         (h["from_status"] or "-", _styled(h["to_status"]), h["transition"], escape(h["reason"] or ""),
          escape(h["actor"]), _when(h["at"])) for h in i["history"]]))
-    out.print(_table("Actions", ("TYPE", "STATUS", "DURATION", "ERROR", "STARTED"), [
+    out.print(_table("Actions", ("TYPE", "STATUS", "DURATION", "ERROR", "STARTED (UTC)"), [
         (a["action_type"], _styled(a["status"], a["status"] == "failed"),
          _duration(a["duration_ms"] / 1000) if a["duration_ms"] is not None else "-",
          escape(a["error"] or ""), _when(a["started_at"])) for a in i["actions"]]))
@@ -631,8 +639,8 @@ def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-def _when(value: str | None) -> str | None:
-    return _parse_time(value).strftime("%Y-%m-%d %H:%M:%S UTC") if value else None
+def _when(value: str | None, suffix: str = "") -> str | None:
+    return _parse_time(value).strftime("%Y-%m-%d %H:%M:%S") + suffix if value else None
 
 
 def _duration(seconds: float) -> str:
