@@ -11,6 +11,10 @@ from control_plane.settings import Settings
 class UnknownOffer(ValueError):
     """The provider, instance type or zone is not offered."""
 
+    def __init__(self, message: str, field: str = "instance_type") -> None:
+        super().__init__(message)
+        self.field = field
+
 
 class Providers:
     """Adapters by name, with their offers cached for validation."""
@@ -37,7 +41,8 @@ class Providers:
             return self._adapters[name]
         except KeyError:
             raise UnknownOffer(
-                f"unknown provider {name!r}; configured: {', '.join(sorted(self._adapters))}"
+                f"unknown provider {name!r}; configured: {', '.join(sorted(self._adapters))}",
+                "provider",
             ) from None
 
     @property
@@ -57,7 +62,7 @@ class Providers:
         try:
             offers = await self.offers(provider)
         except ProviderError as exc:
-            raise UnknownOffer(f"could not list offers of {provider!r}: {exc}") from exc
+            raise UnknownOffer(f"could not list offers of {provider!r}: {exc}", "provider") from exc
         types = sorted({o.instance_type for o in offers})
         matching = [o for o in offers if o.instance_type == instance_type]
         if not matching:
@@ -68,7 +73,8 @@ class Providers:
         if zone is not None and not any(o.zone in (None, zone) for o in matching):
             zones = sorted({o.zone for o in matching if o.zone})
             raise UnknownOffer(
-                f"{instance_type!r} is not offered in zone {zone!r}; zones: {', '.join(zones)}"
+                f"{instance_type!r} is not offered in zone {zone!r}; zones: {', '.join(zones)}",
+                "zone",
             )
 
     async def close(self) -> None:

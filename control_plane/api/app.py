@@ -71,8 +71,8 @@ def _conflict(_: Request, exc: Exception) -> Response:
 
 
 def _bad_request(_: Request, exc: Exception) -> Response:
-    field = "cursor" if isinstance(exc, BadCursor) else "instance_type"
-    return _error(400, str(exc), [{"key": field, "message": str(exc)}])
+    field = exc.field if isinstance(exc, UnknownOffer) else "cursor"
+    return _error(400, "Validation failed", [{"key": field, "message": str(exc)}])
 
 
 def _unavailable(request: Request, exc: Exception) -> Response:

@@ -52,7 +52,8 @@ async def _feed(hub: FeedHub, feed_filter: FeedFilter, resume: int | None,
     sub = hub.subscribe(feed_filter)
     try:
         last = hub.position if resume is None else resume
-        yield ServerSentEventMessage(comment="connected")
+        # The id tells a client where its stream starts, so it can resume from here.
+        yield ServerSentEventMessage(comment="connected", id=str(last))
         if resume is not None:
             while True:
                 events = await hub.fetch_since(last, feed_filter, _BACKFILL_PAGE)

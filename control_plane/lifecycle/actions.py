@@ -70,9 +70,10 @@ async def complete_step(
     session: AsyncSession, instance_id: uuid.UUID, step: Step, *,
     message: str | None = None, metadata: dict[str, Any] | None = None,
 ) -> bool:
-    """Record `step` as done at once (for steps reported after the fact, e.g. by the agent).
+    """Record `step` as done (for steps reported after the fact, e.g. by the agent).
 
     Idempotent: a step already recorded as succeeded is not recorded again (returns False).
+    Callers serialize per instance (they hold its lease or its row lock).
     """
     exists = (
         await session.execute(
@@ -84,10 +85,14 @@ async def complete_step(
     if exists:
         return False
     meta = {**(metadata or {}), **({"message": message} if message else {})}
+    # Its duration is the time since the previous step finished: how long this phase took.
     await session.execute(
         text(
-            "INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
-            " duration_ms, metadata) VALUES (:i, :t, 'succeeded', now(), 0, CAST(:m AS jsonb))"
+            "INSERT INTO instance_actions (instance_id, action_type, status, started_at,"
+            " finished_at, duration_ms, metadata)"
+            " SELECT :i, :t, 'succeeded', s, now(), (extract(epoch FROM now() - s) * 1000)::int,"
+            " CAST(:m AS jsonb) FROM (SELECT coalesce(max(finished_at), now()) AS s"
+            " FROM instance_actions WHERE instance_id = :i AND status = 'succeeded') AS prev"
         ),
         {"i": instance_id, "t": step.value, "m": json.dumps(meta)},
     )
