@@ -3,11 +3,14 @@
 Guarantee: event ids become visible in increasing order. Each writer takes a transaction-level
 advisory lock before inserting, so a transaction holding a lower id always commits before one
 holding a higher id; readers may then page by `id > last_seen` without ever skipping a row that
-commits late. Emit events last in a transaction so the lock is held only until its commit.
+commits late. Emit events late in a transaction so the lock is held briefly, and always after
+taking any row lock the transaction needs (row lock, then feed lock: never the reverse, or two
+writers could deadlock).
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
@@ -27,8 +30,6 @@ async def emit(
     session: AsyncSession, type_: str, data: dict[str, Any], instance_id: uuid.UUID | None = None
 ) -> int:
     """Insert one event and notify listeners when the transaction commits. Returns its id."""
-    import json
-
     await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _FEED_LOCK})
     payload = json.dumps(data, default=str, separators=(",", ":"))
     event_id = (

@@ -31,7 +31,7 @@ async def collect_until(cp, instance_id: str, final_status: str, events: list, l
                     return sse.id
 
 
-async def test_instance_goes_to_ready_and_back_to_terminated(control_plane):
+async def test_instance_goes_to_ready_and_back_to_terminated(control_plane, db, capfd):
     cp = control_plane
     async with cp.client() as client:
         created = await client.post("/v1/instances", json={
@@ -99,6 +99,19 @@ async def test_instance_goes_to_ready_and_back_to_terminated(control_plane):
     assert not (volumes_dir / by_kind["local-boot"]["provider_volume_id"]).exists()
     assert (volumes_dir / by_kind["local-model-cache"]["provider_volume_id"]).exists()
     assert not _alive(pid)
+
+    # No secret in events, logs or the agent's own log.
+    from control_plane.security import agent_token
+
+    token = agent_token(cp.runtime.worker._secret, __import__("uuid").UUID(instance_id))
+    secrets = [token, cp.admin_key]
+    events_text = " ".join(r[0] for r in await db.fetch("SELECT data::text FROM events"))
+    output = capfd.readouterr()
+    assert "Instance transitioned" in output.out + output.err  # the logs were captured
+    for secret in secrets:
+        assert secret not in events_text
+        assert secret not in output.out + output.err
+        assert secret not in (machine_dir / "agent.log").read_text()
 
 
 def _alive(pid: int) -> bool:
