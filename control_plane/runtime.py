@@ -64,9 +64,9 @@ class Runtime:
         if migrate:
             await asyncio.to_thread(upgrade, self.database_url)
         await self.hub.start()
-        token_secret = self._agent_token_secret()
+        self.agent_token_secret = self._agent_token_secret()
         self.worker = LifecycleWorker(self.sessions, self.dsn, self.providers, self.settings,
-                                      token_secret)
+                                      self.agent_token_secret)
         self._spawn(self.leader.run(self.stop_event), "leader")
         self._spawn(self._mirror_events(), "event-mirror")
         if roles.consumer:

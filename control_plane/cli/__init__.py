@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app
 from control_plane.settings import Settings, SettingsError
 
@@ -19,8 +20,6 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(instances_app, name="instances")
-
-ADMIN_KEY_FILE = "admin-api-key"
 
 
 @app.command()

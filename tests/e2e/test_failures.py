@@ -48,7 +48,7 @@ async def test_boot_timeout_fails_the_start_and_cleans_up(settings, db):
 async def test_agent_reported_failure_fails_the_start(control_plane, db):
     """The agent's `failed` phase (fake agent at our own HTTP interface; no machine)."""
     instance_id = uuid.uuid4()
-    token = agent_token(control_plane.runtime.worker._secret, instance_id)
+    token = agent_token(control_plane.runtime.agent_token_secret, instance_id)
     await db.execute(
         "INSERT INTO instances (id, provider, instance_type, model, status, agent_token_hash,"
         " boot_deadline_at, next_check_at) VALUES ($1, 'local', 'local-gpu', 'm', 'booting', $2,"

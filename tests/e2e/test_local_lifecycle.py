@@ -103,7 +103,7 @@ async def test_instance_goes_to_ready_and_back_to_terminated(control_plane, db, 
     # No secret in events, logs or the agent's own log.
     from control_plane.security import agent_token
 
-    token = agent_token(cp.runtime.worker._secret, __import__("uuid").UUID(instance_id))
+    token = agent_token(cp.runtime.agent_token_secret, __import__("uuid").UUID(instance_id))
     secrets = [token, cp.admin_key]
     events_text = " ".join(r[0] for r in await db.fetch("SELECT data::text FROM events"))
     output = capfd.readouterr()

@@ -1,0 +1,334 @@
+"""What a lifecycle worker does to one claimed instance, one status at a time.
+
+Each handler looks at the instance (claimed, lease held), makes at most one provider call with
+no transaction open, records the outcome in a short transaction guarded by the lease, and says
+when the instance should be looked at again (`Next`). Provider errors are classified once
+(`_failed`): temporary ones retry with backoff, permanent ones (or too many attempts) fail the
+start; during termination they only retry, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from adapters.base import (
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    MachineSpec,
+    PermanentProviderError,
+    RateLimited,
+    TemporaryProviderError,
+    Volume,
+)
+from control_plane.lifecycle import transitions as t
+from control_plane.lifecycle.actions import complete_step, finish_action, start_action
+from control_plane.lifecycle.progress import Step
+from control_plane.lifecycle.states import Status
+from control_plane.providers import Providers
+from control_plane.security import agent_token, digest
+from control_plane.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RENEW = text(
+    "UPDATE instances SET lock_expires_at = now() + make_interval(secs => :lease)"
+    " WHERE id = :id AND lock_token = :token"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """When the instance should be looked at again (0 = at once, while we hold it)."""
+
+    delay: float
+
+
+NOW = Next(0.0)
+
+
+class LostLease(Exception):
+    """Another worker owns the instance now; stop working on it."""
+
+
+
+class Steps:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], providers: Providers,
+                 settings: Settings, token_secret: bytes) -> None:
+        self._sessions = sessions
+        self._providers = providers
+        self._s = settings
+        self._secret = token_secret
+
+    async def run(self, row: Any) -> Next:
+        """One step for the claimed instance `row`; raises `LostLease` if it was taken."""
+        handler = {
+            Status.PROVISIONING: self._provisioning,
+            Status.BOOTING: self._booting,
+            Status.READY: self._ready,
+            Status.DRAINING: self._draining,
+            Status.STARTUP_FAILED: self._startup_failed,
+            Status.TERMINATING: self._terminating,
+        }[Status(row.status)]
+        try:
+            return await handler(row)
+        except _Retry as retry:
+            return retry.next
+
+    # --- one handler per status -------------------------------------------------------
+
+    async def _provisioning(self, row: Any) -> Next:
+        if row.desired_state != "running":
+            return await self._move(t.to_terminating, row, Status.PROVISIONING,
+                                    reason=row.desired_reason or "Termination requested")
+        adapter = self._providers.get(row.provider)
+        token = agent_token(self._secret, row.id)
+        spec = MachineSpec(
+            instance_id=str(row.id), instance_type=row.instance_type, zone=row.zone,
+            model=row.model, tags=self._tags(row.id),
+            agent_env={
+                "WORKER_AGENT_CONTROL_PLANE_URL": self._s.agent_url,
+                "WORKER_AGENT_TOKEN": token,
+                "WORKER_AGENT_INSTANCE_ID": str(row.id),
+                "WORKER_AGENT_MODEL": row.model,
+                "WORKER_AGENT_HEARTBEAT_SECONDS": str(self._s.agent_heartbeat_seconds),
+            },
+        )
+        result = await self._act(row, Step.PROVIDER_CREATE.value, adapter.create(spec))
+        if isinstance(result, Next):
+            return result
+        volumes = await self._call(row, adapter.list_volumes(result.provider_instance_id))
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            await session.execute(
+                text("UPDATE instances SET provider_instance_id = :p, ip = :ip, zone = coalesce(zone, :z),"
+                     " agent_token_hash = :h, attempts = 0 WHERE id = :id"),
+                {"p": result.provider_instance_id, "ip": result.ip, "z": result.zone,
+                 "h": digest(token), "id": row.id})
+            await _record_volumes(session, row.id, volumes)
+            deadline = datetime.now(UTC) + timedelta(seconds=self._s.boot_timeout_seconds)
+            await t.provisioning_to_booting(session, row.id, lease=row.lock_token,
+                                            boot_deadline_at=deadline)
+        return NOW
+
+    async def _booting(self, row: Any) -> Next:
+        if row.desired_state != "running":
+            return await self._move(t.to_terminating, row, Status.BOOTING,
+                                    reason=row.desired_reason or "Termination requested")
+        done = await self._completed_steps(row.id)
+        if row.failure_reason:
+            return await self._move(t.to_startup_failed, row, Status.BOOTING, reason=row.failure_reason)
+        if row.boot_deadline_at and datetime.now(UTC) > row.boot_deadline_at:
+            return await self._move(t.to_startup_failed, row, Status.BOOTING,
+                                    reason=f"Boot timed out after {self._s.boot_timeout_seconds:.0f} s"
+                                    f" (last phase: {row.phase})")
+        adapter = self._providers.get(row.provider)
+        if Step.PROVIDER_START not in done:
+            result = await self._act(row, Step.PROVIDER_START.value, adapter.start(row.provider_instance_id))
+            return result if isinstance(result, Next) else NOW
+        if Step.IP_ASSIGNED not in done:
+            machine = await self._call(row, adapter.describe(row.provider_instance_id))
+            if machine is None:
+                return await self._move(t.mark_provider_deleted, row, Status.BOOTING,
+                                        reason="The provider no longer knows the machine")
+            if not machine.ip or machine.state != "running":
+                return Next(1.0)
+            async with self._sessions.begin() as session:
+                await self._owned(session, row)
+                await session.execute(text("UPDATE instances SET ip = :ip WHERE id = :id"),
+                                      {"ip": machine.ip, "id": row.id})
+                await complete_step(session, row.id, Step.IP_ASSIGNED, message=f"IP {machine.ip}")
+                # The adapter injects the agent at boot (cloud-init, or a process on `local`).
+                await complete_step(session, row.id, Step.AGENT_INSTALLED,
+                                    message="Agent started with the machine")
+            return NOW
+        if Step.HEALTH_CHECK_PASSED in done:
+            async with self._sessions.begin() as session:
+                await self._owned(session, row)
+                await complete_step(session, row.id, Step.READY, message="Ready")
+                await t.booting_to_ready(session, row.id, lease=row.lock_token)
+            return NOW
+        remaining = (row.boot_deadline_at - datetime.now(UTC)).total_seconds() if row.boot_deadline_at else 5
+        return Next(max(0.5, min(5.0, remaining)))  # agent progress wakes us sooner
+
+    async def _ready(self, row: Any) -> Next:
+        if row.desired_state == "terminated":
+            return await self._move(t.to_terminating, row, Status.READY,
+                                    reason=row.desired_reason or "Termination requested")
+        if row.desired_state == "drained":
+            return await self._move(t.ready_to_draining, row, reason=row.desired_reason or "Drain requested")
+        return Next(30.0)
+
+    async def _draining(self, row: Any) -> Next:
+        if row.desired_state == "terminated":
+            return await self._move(t.to_terminating, row, Status.DRAINING,
+                                    reason=row.desired_reason or "Termination requested")
+        running = ((row.last_metrics or {}).get("vllm") or {}).get("num_requests_running")
+        fresh = row.last_heartbeat_at and row.last_heartbeat_at > row.status_changed_at
+        if fresh and running == 0:
+            return await self._move(t.to_terminating, row, Status.DRAINING,
+                                    reason="Drained: no request in flight")
+        waited = (datetime.now(UTC) - row.status_changed_at).total_seconds()
+        if waited > self._s.drain_timeout_seconds:
+            return await self._move(t.to_terminating, row, Status.DRAINING,
+                                    reason=f"Drain timed out after {waited:.0f} s")
+        return Next(2.0)
+
+    async def _startup_failed(self, row: Any) -> Next:
+        return await self._move(t.to_terminating, row, Status.STARTUP_FAILED,
+                                reason="Cleaning up after failed startup")
+
+    async def _terminating(self, row: Any) -> Next:
+        adapter = self._providers.get(row.provider)
+        done = await self._completed_steps(row.id)
+        pid = row.provider_instance_id
+        if pid is None:
+            # A crash between provider create and recording it leaves a tagged machine.
+            found = await self._call(row, adapter.list_by_tags({TAG_INSTANCE: str(row.id)}))
+            if found:
+                async with self._sessions.begin() as session:
+                    await self._owned(session, row)
+                    await session.execute(
+                        text("UPDATE instances SET provider_instance_id = :p WHERE id = :id"),
+                        {"p": found[0].provider_instance_id, "id": row.id})
+                return NOW
+        elif "PROVIDER_TERMINATE" not in done:
+            volumes = await self._call(row, adapter.list_volumes(pid))  # discover again
+            async with self._sessions.begin() as session:
+                await self._owned(session, row)
+                await _record_volumes(session, row.id, volumes)
+            result = await self._act(row, "PROVIDER_TERMINATE", adapter.terminate(pid))
+            return result if isinstance(result, Next) else NOW
+        else:
+            machine = await self._call(row, adapter.describe(pid))
+            if machine is not None and machine.state != "terminated":
+                return Next(1.0)
+        pending = await self._volumes_to_delete(row.id)
+        for volume_id, provider_volume_id in pending:
+            result = await self._act(row, "PROVIDER_DELETE_VOLUME",
+                                     adapter.delete_volume(provider_volume_id),
+                                     metadata={"provider_volume_id": provider_volume_id})
+            if isinstance(result, Next):
+                return result
+            async with self._sessions.begin() as session:
+                await session.execute(
+                    text("UPDATE instance_volumes SET status = 'deleted', deleted_at = now() WHERE id = :id"),
+                    {"id": volume_id})
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            await session.execute(
+                text("UPDATE instance_volumes SET status = 'kept' WHERE instance_id = :id"
+                     " AND NOT delete_on_terminate AND status IN ('attached', 'detached')"),
+                {"id": row.id})
+            await t.terminating_to_terminated(session, row.id, lease=row.lock_token)
+        return NOW
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _tags(self, instance_id: uuid.UUID) -> dict[str, str]:
+        return {TAG_CLUSTER: self._s.cluster_name, TAG_INSTANCE: str(instance_id)}
+
+    async def _act(self, row: Any, action_type: str, call: Any, metadata: dict | None = None) -> Any:
+        """Run one provider call as a logged action. Returns its result, or `Next` on failure."""
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            action_id = await start_action(session, row.id, action_type, metadata)
+        try:
+            result = await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+        except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
+            return await self._failed(row, action_id, exc)
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            await finish_action(session, row.id, action_id)
+            await session.execute(text("UPDATE instances SET attempts = 0 WHERE id = :id"), {"id": row.id})
+        return result
+
+    async def _call(self, row: Any, call: Any) -> Any:
+        """A read-only provider call (not logged as an action); failures retry later."""
+        try:
+            return await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+        except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
+            raise _Retry(await self._failed(row, None, exc)) from exc
+
+    async def _failed(self, row: Any, action_id: int | None, exc: BaseException) -> Next:
+        message = _describe(exc)
+        permanent = isinstance(exc, PermanentProviderError)
+        attempts = row.attempts + 1
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            if action_id is not None:
+                await finish_action(session, row.id, action_id, error=message)
+            await session.execute(text("UPDATE instances SET attempts = :a WHERE id = :id"),
+                                  {"a": attempts, "id": row.id})
+            give_up = permanent or attempts >= self._s.provider_max_attempts
+            status = Status(row.status)
+            if give_up and status in (Status.PROVISIONING, Status.BOOTING):
+                reason = message if permanent else f"{message} (gave up after {attempts} attempts)"
+                await t.to_startup_failed(session, row.id, status, lease=row.lock_token, reason=reason)
+                return NOW
+        log.warning("Provider call failed; will retry", instance_id=str(row.id), error=message,
+                    attempt=attempts)
+        if isinstance(exc, RateLimited) and exc.retry_after:
+            return Next(exc.retry_after)
+        return Next(min(60.0, 2 ** min(attempts, 6)) * random.uniform(0.5, 1.0))
+
+    async def _move(self, fn: Any, row: Any, *args: Any, **kwargs: Any) -> Next:
+        async with self._sessions.begin() as session:
+            moved = await fn(session, row.id, *args, lease=row.lock_token, **kwargs)
+        if not moved:
+            raise LostLease
+        return NOW
+
+    async def _owned(self, session: AsyncSession, row: Any) -> None:
+        """Renew our lease inside `session`; raise `LostLease` if it is not ours any more."""
+        renewed = (await session.execute(RENEW, {"id": row.id, "token": row.lock_token,
+                                                  "lease": self._s.lease_seconds})).rowcount
+        if not renewed:
+            raise LostLease
+
+    async def _completed_steps(self, instance_id: uuid.UUID) -> set[str]:
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text("SELECT DISTINCT action_type FROM instance_actions"
+                     " WHERE instance_id = :id AND status = 'succeeded'"), {"id": instance_id})
+            return {r[0] for r in rows}
+
+    async def _volumes_to_delete(self, instance_id: uuid.UUID) -> list[tuple[int, str]]:
+        async with self._sessions() as session:
+            rows = await session.execute(
+                text("SELECT id, provider_volume_id FROM instance_volumes WHERE instance_id = :id"
+                     " AND delete_on_terminate AND status NOT IN ('deleted', 'gone') ORDER BY id"),
+                {"id": instance_id})
+            return [(r[0], r[1]) for r in rows]
+
+
+class _Retry(Exception):
+    def __init__(self, next_: Next) -> None:
+        self.next = next_
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "provider call timed out"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _record_volumes(session: AsyncSession, instance_id: uuid.UUID, volumes: list[Volume]) -> None:
+    for v in volumes:
+        await session.execute(
+            text("INSERT INTO instance_volumes (instance_id, provider_volume_id, volume_type, size_gb,"
+                 " is_boot, delete_on_terminate) VALUES (:i, :p, :t, :s, :b, :d)"
+                 " ON CONFLICT (instance_id, provider_volume_id) DO UPDATE SET"
+                 " volume_type = excluded.volume_type, size_gb = excluded.size_gb,"
+                 " delete_on_terminate = excluded.delete_on_terminate"),
+            {"i": instance_id, "p": v.provider_volume_id, "t": v.volume_type, "s": v.size_gb,
+             "b": v.is_boot, "d": v.delete_on_terminate})
+
