@@ -91,7 +91,7 @@ def _settings(**overrides) -> Settings:
 
 
 async def _services(settings: Settings):
-    from control_plane.services_bootstrap import ServicesBootstrap
+    from control_plane.backing import ServicesBootstrap
 
     bootstrap = ServicesBootstrap(Path(settings.data_dir), database_url=settings.database_url,
                                   redis_url=settings.redis_url)

@@ -1,4 +1,4 @@
-"""Integration tests for control_plane.services_bootstrap against real servers.
+"""Integration tests for control_plane.backing against real servers.
 
 Needs PostgreSQL (trust auth) on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 for the
 "local" tests; the embedded tests start pgserver's PostgreSQL and redis-server in
@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from structlog.testing import capture_logs
 
-from control_plane.services_bootstrap import (
+from control_plane.backing import (
     BackingServiceError,
     BackingServices,
     ServicesBootstrap,
