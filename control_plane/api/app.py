@@ -118,6 +118,7 @@ def create_app(runtime: Runtime) -> Litestar:
             security=[{"apiKey": []}],
         ),
         request_max_body_size=1024 * 1024,
+        logging_config=None,  # ours (control_plane.logs), not Litestar's root handler
         debug=False,
     )
     app.state.runtime = runtime
