@@ -1,7 +1,9 @@
-"""Applies one validated command to Postgres, exactly once per command id.
+"""Applies validated commands to Postgres, exactly once per command id.
 
 The dedupe row in `processed_commands`, the effect, and the outcome event commit in one
-transaction: a redelivered command finds its row and changes nothing.
+transaction: a redelivered command finds its row and changes nothing. Commands read together
+from the stream are applied together, so the per-transaction costs (commit, feed lock) are paid
+once per batch.
 """
 
 from __future__ import annotations
@@ -15,11 +17,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.commands.schema import Command, CreateInstance, DrainInstance, TerminateInstance
-from control_plane.feed.events import emit
-from control_plane.lifecycle.actions import complete_step
-from control_plane.lifecycle.progress import Step
+from control_plane.feed.events import Event, emit_many
+from control_plane.lifecycle.progress import WEIGHTS, Step
 from control_plane.lifecycle.states import FINAL_STATUSES
-from control_plane.lifecycle.transitions import WORK_CHANNEL, record_creation
+from control_plane.lifecycle.transitions import WORK_CHANNEL
 from control_plane.providers import Providers, UnknownOffer
 
 
@@ -34,73 +35,107 @@ async def apply_command(
     sessions: async_sessionmaker[AsyncSession], providers: Providers, command: Command,
     entry_id: str | None = None,
 ) -> Outcome:
-    """Apply `command` once. Validation against provider offers happens before the transaction."""
-    rejection = None
-    if isinstance(command, CreateInstance):
-        p = command.payload
-        try:
-            await providers.validate(p.provider, p.instance_type, p.zone)
-        except UnknownOffer as exc:
-            rejection = str(exc)
+    """Apply one command once (see `apply_commands`)."""
+    return (await apply_commands(sessions, providers, [(command, entry_id)]))[0]
+
+
+async def apply_commands(
+    sessions: async_sessionmaker[AsyncSession], providers: Providers,
+    batch: list[tuple[Command, str | None]],
+) -> list[Outcome]:
+    """Apply a batch of commands, each at most once, in one transaction; outcomes in order.
+
+    Validation against provider offers happens before the transaction. If the transaction
+    fails, nothing of the batch is applied (callers may retry the commands one by one).
+    """
+    rejections: dict[int, str] = {}
+    for n, (command, _) in enumerate(batch):
+        if isinstance(command, CreateInstance):
+            p = command.payload
+            try:
+                await providers.validate(p.provider, p.instance_type, p.zone)
+            except UnknownOffer as exc:
+                rejections[n] = str(exc)
     async with sessions.begin() as session:
-        first = (
+        new = set((await session.execute(
+            text("INSERT INTO processed_commands (id, type, outcome, stream_entry_id)"
+                 " SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:types AS text[]),"
+                 " CAST(:outcomes AS text[]), CAST(:entries AS text[]))"
+                 " ON CONFLICT (id) DO NOTHING RETURNING id"),
+            {"ids": [c.id for c, _ in batch], "types": [_type(c) for c, _ in batch],
+             "outcomes": ["pending"] * len(batch), "entries": [e for _, e in batch]},
+        )).scalars())
+        outcomes: list[Outcome] = []
+        events: list[Event] = []
+        for n, (command, _) in enumerate(batch):
+            if command.id not in new:
+                outcomes.append(await _duplicate(session, command))
+                continue
+            new.discard(command.id)  # a second copy in this batch is a duplicate
+            if n in rejections:
+                outcome = Outcome("rejected", rejections[n], getattr(command, "instance_id", None))
+            elif isinstance(command, CreateInstance):
+                outcome = await _create(session, command, events)
+            elif isinstance(command, TerminateInstance):
+                outcome = await _request(session, command.payload.instance_id, "terminated",
+                                         command.payload.reason or "Termination requested")
+            else:
+                assert isinstance(command, DrainInstance)
+                outcome = await _request(session, command.payload.instance_id, "drained",
+                                         command.payload.reason or "Drain requested")
+            outcomes.append(outcome)
+            events.append((f"command.{outcome.result}", {
+                "command_id": command.id, "command_type": _type(command),
+                "instance_id": str(outcome.instance_id) if outcome.instance_id else None,
+                "message": outcome.detail}, outcome.instance_id))
+        applied = [(c.id, o) for (c, _), o in zip(batch, outcomes, strict=True) if o.result != "duplicate"]
+        if applied:
             await session.execute(
-                text("INSERT INTO processed_commands (id, type, outcome, stream_entry_id)"
-                     " VALUES (:id, :type, 'pending', :entry) ON CONFLICT (id) DO NOTHING"
-                     " RETURNING id"),
-                {"id": command.id, "type": _type(command), "entry": entry_id},
-            )
-        ).first()
-        if first is None:
-            row = (await session.execute(
-                text("SELECT outcome, detail, instance_id FROM processed_commands WHERE id = :id"),
-                {"id": command.id})).one()
-            return Outcome("duplicate", f"already {row.outcome}: {row.detail}", row.instance_id)
-        if rejection is not None:
-            outcome = Outcome("rejected", rejection, getattr(command, "instance_id", None))
-        elif isinstance(command, CreateInstance):
-            outcome = await _create(session, command)
-        elif isinstance(command, TerminateInstance):
-            outcome = await _request(session, command.payload.instance_id, "terminated",
-                                     command.payload.reason or "Termination requested")
-        else:
-            assert isinstance(command, DrainInstance)
-            outcome = await _request(session, command.payload.instance_id, "drained",
-                                     command.payload.reason or "Drain requested")
-        await session.execute(
-            text("UPDATE processed_commands SET outcome = :o, detail = :d, instance_id = :i"
-                 " WHERE id = :id"),
-            {"o": outcome.result, "d": outcome.detail, "i": outcome.instance_id, "id": command.id},
-        )
-        await emit(session, f"command.{outcome.result}",
-                   {"command_id": command.id, "command_type": _type(command),
-                    "instance_id": str(outcome.instance_id) if outcome.instance_id else None,
-                    "message": outcome.detail}, outcome.instance_id)
-    return outcome
+                text("UPDATE processed_commands p SET outcome = u.o, detail = u.d, instance_id = u.i"
+                     " FROM unnest(CAST(:ids AS text[]), CAST(:o AS text[]), CAST(:d AS text[]),"
+                     " CAST(:i AS uuid[])) AS u(id, o, d, i) WHERE p.id = u.id"),
+                {"ids": [i for i, _ in applied], "o": [o.result for _, o in applied],
+                 "d": [o.detail for _, o in applied], "i": [o.instance_id for _, o in applied]})
+        await emit_many(session, events)
+    return outcomes
 
 
-async def _create(session: AsyncSession, command: CreateInstance) -> Outcome:
+async def _duplicate(session: AsyncSession, command: Command) -> Outcome:
+    row = (await session.execute(
+        text("SELECT outcome, detail, instance_id FROM processed_commands WHERE id = :id"),
+        {"id": command.id})).one()
+    return Outcome("duplicate", f"already {row.outcome}: {row.detail}", row.instance_id)
+
+
+async def _create(session: AsyncSession, command: CreateInstance, events: list[Event]) -> Outcome:
+    """Insert the instance with its first history row and step, in one statement."""
     p = command.payload
     instance_id = command.instance_id
-    inserted = (
-        await session.execute(
-            text("INSERT INTO instances (id, provider, zone, instance_type, model, labels,"
-                 " created_by_command) VALUES (:id, :provider, :zone, :type, :model,"
-                 " CAST(:labels AS jsonb), :cmd) ON CONFLICT (id) DO NOTHING RETURNING id"),
-            {"id": instance_id, "provider": p.provider, "zone": p.zone, "type": p.instance_type,
-             "model": p.model, "labels": json.dumps(p.labels), "cmd": command.id},
-        )
-    ).first()
+    progress, phase = WEIGHTS[Step.REQUEST_CREATED]
+    message = f"{p.instance_type} on {p.provider} requested for {p.model}"
+    inserted = (await session.execute(
+        text("WITH inst AS (INSERT INTO instances (id, provider, zone, instance_type, model, labels,"
+             " created_by_command, progress, phase) VALUES (:id, :provider, :zone, :type, :model,"
+             " CAST(:labels AS jsonb), :cmd, :progress, :phase) ON CONFLICT (id) DO NOTHING RETURNING id),"
+             " history AS (INSERT INTO instance_state_history (instance_id, from_status, to_status,"
+             " transition, reason, actor) SELECT id, NULL, 'provisioning', 'create',"
+             " 'Instance requested', :actor FROM inst),"
+             " step AS (INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
+             " duration_ms, metadata) SELECT id, :step, 'succeeded', now(), 0,"
+             " jsonb_build_object('message', CAST(:message AS text)) FROM inst)"
+             " SELECT id, pg_notify(:channel, id::text) FROM inst"),
+        {"id": instance_id, "provider": p.provider, "zone": p.zone, "type": p.instance_type,
+         "model": p.model, "labels": json.dumps(p.labels), "cmd": command.id, "progress": progress,
+         "phase": phase, "actor": f"command:{command.id}", "step": Step.REQUEST_CREATED.value,
+         "message": message, "channel": WORK_CHANNEL},
+    )).first()
     if inserted is None:
         return Outcome("rejected", f"instance {instance_id} already exists", instance_id)
-    await record_creation(session, instance_id, reason="Instance requested", actor=f"command:{command.id}")
-    await complete_step(session, instance_id, Step.REQUEST_CREATED, message="Instance requested")
-    await _wake(session, instance_id)
-    await emit(session, "instance.status",
-               {"instance_id": str(instance_id), "status": "provisioning", "from_status": None,
-                "transition": "create", "progress": 5, "phase": "request created",
-                "message": f"{p.instance_type} on {p.provider} requested for {p.model}"},
-               instance_id)
+    common = {"instance_id": str(instance_id), "status": "provisioning", "progress": progress,
+              "phase": phase, "message": message}
+    events.append(("instance.status", {**common, "from_status": None, "transition": "create"},
+                   instance_id))
+    events.append(("instance.progress", common, instance_id))
     return Outcome("accepted", "instance requested", instance_id)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import structlog
@@ -27,8 +28,8 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from control_plane.commands.apply import apply_command
-from control_plane.commands.schema import InvalidCommand, decode
+from control_plane.commands.apply import Outcome, apply_command, apply_commands
+from control_plane.commands.schema import Command, InvalidCommand, decode
 from control_plane.feed.events import emit
 from control_plane.providers import Providers
 from control_plane.settings import Settings
@@ -101,8 +102,16 @@ class CommandConsumer:
                 counts = await self._delivery_counts(entries)
             else:
                 entries = await self._read(">", block_ms=block_ms or None)
+        valid = []
         for entry_id, fields in entries:
-            await self._handle(entry_id, fields, counts.get(entry_id, 1))
+            deliveries = counts.get(entry_id, 1)
+            command = await self._validate(entry_id, fields, deliveries)
+            if command is not None:
+                valid.append(_Entry(entry_id, fields, command, deliveries))
+        if len(valid) > 1 and await self._apply_batch(valid):
+            return len(entries)
+        for entry in valid:
+            await self._apply_one(entry)
         return len(entries)
 
     async def _ensure_group(self) -> None:
@@ -151,54 +160,81 @@ class CommandConsumer:
         )
         return {p["message_id"]: p["times_delivered"] for p in pending}
 
-    async def _handle(self, entry_id: bytes, fields: dict | None, deliveries: int) -> None:
-        eid = entry_id.decode()
+    async def _validate(self, entry_id: bytes, fields: dict | None, deliveries: int) -> Command | None:
+        """The entry's command, or None after dead-lettering it with the reason."""
         if fields is None:
-            await self._dead_letter(entry_id, None, "entry was deleted from the stream before it was applied", deliveries)
-            return
-        raw = fields.get(b"command")
-        if raw is None:
-            await self._dead_letter(entry_id, fields, "entry has no 'command' field", deliveries)
-            return
-        if len(raw) > self._s.command_max_bytes:
-            await self._dead_letter(entry_id, fields, f"command is {len(raw)} bytes; the limit is {self._s.command_max_bytes}", deliveries)
-            return
-        if deliveries > self._s.command_max_deliveries:
-            await self._dead_letter(entry_id, fields, f"delivered {deliveries} times without being applied", deliveries)
-            return
+            reason = "entry was deleted from the stream before it was applied"
+        elif (raw := fields.get(b"command")) is None:
+            reason = "entry has no 'command' field"
+        elif len(raw) > self._s.command_max_bytes:
+            reason = f"command is {len(raw)} bytes; the limit is {self._s.command_max_bytes}"
+        elif deliveries > self._s.command_max_deliveries:
+            reason = f"delivered {deliveries} times without being applied"
+        else:
+            try:
+                return decode(raw)
+            except InvalidCommand as exc:
+                reason = f"invalid command: {exc}"
+        await self._dead_letter(entry_id, fields, reason, deliveries)
+        return None
+
+    async def _apply_batch(self, batch: list[_Entry]) -> bool:
+        """Apply a read batch in one transaction; False if it must be retried one by one."""
         try:
-            command = decode(raw)
-        except InvalidCommand as exc:
-            await self._dead_letter(entry_id, fields, f"invalid command: {exc}", deliveries)
+            outcomes = await self._until_postgres_answers(lambda: apply_commands(
+                self._sessions, self._providers, [(e.command, e.id.decode()) for e in batch]))
+        except _Retry:
+            raise
+        except Exception as exc:
+            log.warning("Command batch failed; applying one by one", error=repr(exc)[:300])
+            return False
+        await self._redis.xack(self._s.command_stream, self._s.consumer_group, *[e.id for e in batch])
+        for entry, outcome in zip(batch, outcomes, strict=True):
+            self._applied(entry, outcome)
+        return True
+
+    async def _apply_one(self, entry: _Entry) -> None:
+        try:
+            outcome = await self._until_postgres_answers(lambda: apply_command(
+                self._sessions, self._providers, entry.command, entry.id.decode()))
+        except _Retry:
+            raise
+        except Exception as exc:
+            failures = self._failures[entry.id] = self._failures.get(entry.id, 0) + 1
+            if failures < self._s.command_max_deliveries:
+                log.exception("Command failed; will retry", command_id=entry.command.id,
+                              entry_id=entry.id.decode())
+                self._backlog = True
+                raise _Retry from exc
+            self._failures.pop(entry.id, None)
+            await self._dead_letter(entry.id, entry.fields,
+                                    f"could not be applied {failures} times: {exc!r}"[:2000],
+                                    entry.deliveries)
             return
+        await self._redis.xack(self._s.command_stream, self._s.consumer_group, entry.id)
+        self._applied(entry, outcome)
+
+    async def _until_postgres_answers(self, apply):
+        """Run `apply`, waiting out Postgres outages here: re-reading the entries instead would
+        count as more deliveries and end valid commands in the dead-letter stream."""
         backoff = 0.2
         while True:
             try:
-                outcome = await apply_command(self._sessions, self._providers, command, eid)
-                break
+                return await apply()
             except Exception as exc:
-                if is_outage(exc) and not self._stop.is_set():
-                    # Postgres is down: wait here rather than re-read, which would count
-                    # as another delivery and end in the dead-letter stream.
-                    log.warning("Postgres unreachable; command waits", command_id=command.id,
-                                error=repr(exc)[:300], retry_in=backoff)
-                    await _wait(self._stop, backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                failures = self._failures[entry_id] = self._failures.get(entry_id, 0) + 1
-                if failures >= self._s.command_max_deliveries or self._stop.is_set():
-                    if self._stop.is_set():
-                        raise _Retry from exc  # shutting down: leave it pending
-                    self._failures.pop(entry_id, None)
-                    await self._dead_letter(entry_id, fields, f"could not be applied {failures} times: {exc!r}"[:2000], deliveries)
-                    return
-                log.exception("Command failed; will retry", command_id=command.id, entry_id=eid)
-                self._backlog = True
-                raise _Retry from exc
-        await self._redis.xack(self._s.command_stream, self._s.consumer_group, entry_id)
+                if not is_outage(exc):
+                    raise
+                if self._stop.is_set():
+                    raise _Retry from exc  # shutting down: the entries stay pending
+                log.warning("Postgres unreachable; commands wait", error=repr(exc)[:300],
+                            retry_in=backoff)
+                await _wait(self._stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _applied(self, entry: _Entry, outcome: Outcome) -> None:
         self.processed += 1
-        log.info("Command applied", command_id=command.id, entry_id=eid, outcome=outcome.result,
-                 detail=outcome.detail)
+        log.info("Command applied", command_id=entry.command.id, entry_id=entry.id.decode(),
+                 outcome=outcome.result, detail=outcome.detail)
 
     async def _dead_letter(self, entry_id: bytes, fields: dict | None, reason: str, deliveries: int) -> None:
         raw = (fields or {}).get(b"command", b"")
@@ -235,6 +271,14 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(cause, (OSError, ConnectionError)) or type(cause).__name__ in {
         "ConnectionDoesNotExistError", "CannotConnectNowError", "TooManyConnectionsError",
     }
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    id: bytes
+    fields: dict
+    command: Command
+    deliveries: int
 
 
 class _Retry(Exception):

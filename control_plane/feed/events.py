@@ -20,22 +20,36 @@ from sqlalchemy.ext.asyncio import AsyncSession
 NOTIFY_CHANNEL = "cp_events"
 _FEED_LOCK = 0x43_50_46_45_45_44  # "CPFEED"
 
-_INSERT = text(
-    "INSERT INTO events (type, instance_id, data) VALUES (:type, :instance_id, CAST(:data AS jsonb))"
-    " RETURNING id"
+_INSERT_MANY = text(
+    "WITH e AS (INSERT INTO events (type, instance_id, data)"
+    " SELECT t, i, CAST(d AS jsonb) FROM unnest(CAST(:types AS text[]), CAST(:ids AS uuid[]),"
+    " CAST(:datas AS text[])) WITH ORDINALITY AS u(t, i, d, n) ORDER BY n RETURNING id)"
+    " SELECT array_agg(id ORDER BY id), pg_notify(:channel, max(id)::text) FROM e"
 )
+
+Event = tuple[str, dict[str, Any], uuid.UUID | None]
+"""(type, data, instance_id)"""
 
 
 async def emit(
     session: AsyncSession, type_: str, data: dict[str, Any], instance_id: uuid.UUID | None = None
 ) -> int:
     """Insert one event and notify listeners when the transaction commits. Returns its id."""
-    await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _FEED_LOCK})
-    payload = json.dumps(data, default=str, separators=(",", ":"))
-    event_id = (
-        await session.execute(
-            _INSERT, {"type": type_, "instance_id": instance_id, "data": payload}
-        )
-    ).scalar_one()
-    await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": NOTIFY_CHANNEL, "p": str(event_id)})
-    return event_id
+    return (await emit_many(session, [(type_, data, instance_id)]))[0]
+
+
+async def emit_many(session: AsyncSession, events: list[Event]) -> list[int]:
+    """Insert events in order, in one statement, with one notification; returns their ids."""
+    if not events:
+        return []
+    transaction = session.get_transaction()
+    if session.info.get("feed_locked_in") is not transaction:
+        await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _FEED_LOCK})
+        session.info["feed_locked_in"] = transaction
+    ids, _ = (await session.execute(_INSERT_MANY, {
+        "types": [e[0] for e in events],
+        "ids": [e[2] for e in events],
+        "datas": [json.dumps(e[1], default=str, separators=(",", ":")) for e in events],
+        "channel": NOTIFY_CHANNEL,
+    })).one()
+    return list(ids)

@@ -88,19 +88,6 @@ async def transition(
     return True
 
 
-async def record_creation(
-    session: AsyncSession, instance_id: uuid.UUID, *, reason: str, actor: str
-) -> None:
-    """History row and event for a new instance (its first state has no predecessor)."""
-    await session.execute(
-        text(
-            "INSERT INTO instance_state_history (instance_id, from_status, to_status, transition,"
-            " reason, actor) VALUES (:id, NULL, 'provisioning', 'create', :reason, :actor)"
-        ),
-        {"id": instance_id, "reason": reason, "actor": actor},
-    )
-
-
 # Named transitions: the vocabulary the rest of the code uses.
 
 async def provisioning_to_booting(session, instance_id, *, lease, boot_deadline_at) -> bool:
