@@ -108,3 +108,37 @@ async def test_old_events_are_pruned(db, database_url):
     finally:
         await engine.dispose()
     assert [r[0] for r in await db.fetch("SELECT type FROM events")] == ["recent"]
+
+
+async def test_two_replicas_share_commands_and_instances_without_doing_anything_twice(settings, db):
+    second = dataclasses.replace(settings, port=free_port(), consumer_name="replica-2")
+    async with RunningControlPlane(settings) as a, RunningControlPlane(second) as b:
+        clients = [a.client(), b.client()]
+        try:
+            ids = [(await clients[n % 2].post("/v1/instances", json={
+                "provider": "local", "instance_type": "local-gpu", "model": "org/m"})).json()["id"]
+                for n in range(6)]
+            await eventually(lambda: db.fetchval(
+                "SELECT count(*) = 6 FROM instances WHERE status = 'ready'"), timeout=60, message="all ready")
+            for n, instance_id in enumerate(ids):
+                await clients[n % 2].delete(f"/v1/instances/{instance_id}")
+            await eventually(lambda: db.fetchval(
+                "SELECT count(*) = 6 FROM instances WHERE status = 'terminated'"), timeout=60,
+                message="all terminated")
+        finally:
+            for client in clients:
+                await client.aclose()
+        assert a.runtime.consumer.processed + b.runtime.consumer.processed == 12
+        assert await db.fetchval("SELECT count(*) FROM instance_state_history") == 6 * 5
+        per_step = await db.fetch(
+            "SELECT instance_id, action_type, count(*) FROM instance_actions WHERE status = 'succeeded'"
+            " AND action_type NOT IN ('PROVIDER_DELETE_VOLUME') GROUP BY 1, 2 HAVING count(*) > 1")
+        assert per_step == [], "a step was done twice"
+        total = await db.fetchval("SELECT count(*) FROM events")
+
+        async def mirrored_once() -> bool:
+            return await a.runtime.redis.xlen(settings.events_stream) == total
+
+        await eventually(mirrored_once, message="every event mirrored once, by the leader")
+        entries = await a.runtime.redis.xrange(settings.events_stream)
+        assert len({f[b"id"] for _, f in entries}) == total
