@@ -56,6 +56,7 @@ _RELEASE = text(
 )
 _LOAD = text("SELECT * FROM instances WHERE id = :id AND lock_token = :token")
 
+
 class LifecycleWorker:
     def __init__(
         self, sessions: async_sessionmaker[AsyncSession], dsn: str, providers: Providers,
@@ -123,9 +124,12 @@ class LifecycleWorker:
                 delay = step.delay
                 if delay > 0:
                     break
-                row = await self._reload(row)
-                if row is None or row.status not in ACTIVE_STATUSES:
-                    return
+                reloaded = await self._reload(row)
+                if reloaded is None:
+                    raise LostLease
+                row = reloaded
+                if row.status not in ACTIVE_STATUSES:
+                    break  # final: release the lease, nothing more to do
         except LostLease:
             log.info("Lease lost; another worker has the instance", instance_id=str(row.id))
             return

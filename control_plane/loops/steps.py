@@ -102,6 +102,11 @@ class Steps:
                 "WORKER_AGENT_HEARTBEAT_SECONDS": str(self._s.agent_heartbeat_seconds),
             },
         )
+        if row.agent_token_hash is None:  # before create: some providers boot the machine at once
+            async with self._sessions.begin() as session:
+                await self._owned(session, row)
+                await session.execute(text("UPDATE instances SET agent_token_hash = :h WHERE id = :id"),
+                                      {"h": digest(token), "id": row.id})
         result = await self._act(row, Step.PROVIDER_CREATE.value, adapter.create(spec))
         if isinstance(result, Next):
             return result
@@ -110,9 +115,8 @@ class Steps:
             await self._owned(session, row)
             await session.execute(
                 text("UPDATE instances SET provider_instance_id = :p, ip = :ip, zone = coalesce(zone, :z),"
-                     " agent_token_hash = :h, attempts = 0 WHERE id = :id"),
-                {"p": result.provider_instance_id, "ip": result.ip, "z": result.zone,
-                 "h": digest(token), "id": row.id})
+                     " attempts = 0 WHERE id = :id"),
+                {"p": result.provider_instance_id, "ip": result.ip, "z": result.zone, "id": row.id})
             await _record_volumes(session, row.id, volumes)
             deadline = datetime.now(UTC) + timedelta(seconds=self._s.boot_timeout_seconds)
             await t.provisioning_to_booting(session, row.id, lease=row.lock_token,
@@ -165,7 +169,7 @@ class Steps:
                                     reason=row.desired_reason or "Termination requested")
         if row.desired_state == "drained":
             return await self._move(t.ready_to_draining, row, reason=row.desired_reason or "Drain requested")
-        return Next(30.0)
+        return Next(300.0)  # commands wake it at once; health checks come with the health loop
 
     async def _draining(self, row: Any) -> Next:
         if row.desired_state == "terminated":
