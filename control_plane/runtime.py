@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -29,15 +28,6 @@ from control_plane.security import digest, new_api_key
 from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Roles:
-    """Which parts run in this process (all by default)."""
-
-    consumer: bool = True
-    workers: bool = True
-    scheduler: bool = True
 
 
 class Runtime:
@@ -60,7 +50,7 @@ class Runtime:
         self._scheduler = None
         self.worker: LifecycleWorker | None = None
 
-    async def start(self, roles: Roles = Roles(), *, migrate: bool = True) -> None:
+    async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await asyncio.to_thread(upgrade, self.database_url)
         await self.hub.start()
@@ -69,13 +59,10 @@ class Runtime:
                                       self.agent_token_secret)
         self._spawn(self.leader.run(self.stop_event), "leader")
         self._spawn(self._mirror_events(), "event-mirror")
-        if roles.consumer:
-            self._spawn(self.consumer.run(self.stop_event), "command-consumer")
-        if roles.workers:
-            self._spawn(self.worker.run(self.stop_event), "lifecycle-worker")
-        if roles.scheduler:
-            self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings)
-            self._scheduler.start()
+        self._spawn(self.consumer.run(self.stop_event), "command-consumer")
+        self._spawn(self.worker.run(self.stop_event), "lifecycle-worker")
+        self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings)
+        self._scheduler.start()
 
     async def stop(self, grace_seconds: float = 10.0) -> None:
         """Let the loops finish their current step (bounded), then cancel what remains."""
