@@ -17,6 +17,7 @@ from litestar.exceptions import ValidationException
 from litestar.params import HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from control_plane.api.instances import error_responses
 from control_plane.feed.hub import FeedEvent, FeedFilter, FeedHub
 
 _BACKFILL_PAGE = 1000
@@ -26,7 +27,7 @@ class EventController(Controller):
     path = "/v1/events"
     tags = ["events"]
 
-    @get("/", summary="Live event feed (text/event-stream)")
+    @get("/", summary="Live event feed (text/event-stream)", responses=error_responses(400, 401))
     async def stream(
         self, request: Request,
         instance_id: Annotated[uuid.UUID | None, QueryParameter()] = None,

@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, Request, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from control_plane import queries
@@ -13,6 +14,7 @@ from control_plane.api.schemas import (
     Accepted,
     ActionPage,
     CreateInstanceBody,
+    Error,
     HistoryPage,
     InstanceOut,
     InstancePage,
@@ -30,6 +32,17 @@ from control_plane.commands.schema import (
 )
 from control_plane.lifecycle.states import Status
 
+
+def error_responses(*codes: int) -> dict[int, ResponseSpec]:
+    described = {400: "Invalid request (fields in `extra`)", 401: "Missing, invalid or revoked API key",
+                 403: "This API key may only read", 404: "No such instance",
+                 409: "The instance id exists already", 503: "Redis or Postgres unavailable; retry"}
+    return {c: ResponseSpec(Error, description=described[c], generate_examples=False) for c in codes}
+
+
+READ_ERRORS = error_responses(400, 401, 404)
+WRITE_ERRORS = error_responses(400, 401, 403, 404, 503)
+
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size")]
 Cursor = Annotated[str | None, QueryParameter(max_length=200, description="`next` of the previous page")]
 InstanceId = FromPath[uuid.UUID]
@@ -39,7 +52,7 @@ class InstanceController(Controller):
     path = "/v1/instances"
     tags = ["instances"]
 
-    @post("/", status_code=202, summary="Request a GPU instance")
+    @post("/", status_code=202, summary="Request a GPU instance", responses=error_responses(400, 401, 403, 409, 503))
     async def create(self, request: Request, data: JSONBody[CreateInstanceBody]) -> Accepted:
         runtime = request.app.state.runtime
         await runtime.providers.validate(data.provider, data.instance_type, data.zone)
@@ -52,7 +65,7 @@ class InstanceController(Controller):
         await publish(runtime.redis, runtime.settings.command_stream, command)
         return Accepted(id=command.instance_id, command_id=command_id)
 
-    @get("/", summary="List instances")
+    @get("/", summary="List instances", responses=error_responses(400, 401))
     async def list(
         self, request: Request,
         status: Annotated[list[Status] | None, QueryParameter(description="Filter by status (repeatable)")] = None,
@@ -66,30 +79,30 @@ class InstanceController(Controller):
                 session, statuses=[s.value for s in status or []], provider=provider,
                 labels=labels, limit=limit, cursor=cursor)
 
-    @get("/{instance_id:uuid}", summary="Show an instance with its status, progress and phase")
+    @get("/{instance_id:uuid}", summary="Show an instance with its status, progress and phase", responses=READ_ERRORS)
     async def show(self, request: Request, instance_id: InstanceId) -> InstanceOut:
         async with request.app.state.runtime.sessions() as session:
             return await queries.get_instance(session, instance_id)
 
-    @get("/{instance_id:uuid}/history", summary="State changes, oldest first")
+    @get("/{instance_id:uuid}/history", summary="State changes, oldest first", responses=READ_ERRORS)
     async def history(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> HistoryPage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.history(session, instance_id, limit, cursor)
 
-    @get("/{instance_id:uuid}/actions", summary="Actions with durations and errors, oldest first")
+    @get("/{instance_id:uuid}/actions", summary="Actions with durations and errors, oldest first", responses=READ_ERRORS)
     async def actions(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> ActionPage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.actions(session, instance_id, limit, cursor)
 
-    @get("/{instance_id:uuid}/volumes", summary="Volumes and what became of them")
+    @get("/{instance_id:uuid}/volumes", summary="Volumes and what became of them", responses=READ_ERRORS)
     async def volumes(self, request: Request, instance_id: InstanceId, limit: Limit = 100,
                       cursor: Cursor = None) -> VolumePage:
         async with request.app.state.runtime.sessions() as session:
             return await queries.volumes(session, instance_id, limit, cursor)
 
-    @post("/{instance_id:uuid}/drain", status_code=202, summary="Drain, then terminate")
+    @post("/{instance_id:uuid}/drain", status_code=202, summary="Drain, then terminate", responses=WRITE_ERRORS)
     async def drain(self, request: Request, instance_id: InstanceId,
                     data: JSONBody[ReasonBody | None] = None) -> Accepted:
         runtime = request.app.state.runtime
@@ -100,7 +113,7 @@ class InstanceController(Controller):
             payload=DrainPayload(instance_id=instance_id, reason=(data and data.reason) or "Drain requested via API")))
         return Accepted(id=instance_id, command_id=command_id)
 
-    @delete("/{instance_id:uuid}", status_code=202, summary="Terminate")
+    @delete("/{instance_id:uuid}", status_code=202, summary="Terminate", responses=WRITE_ERRORS)
     async def terminate(self, request: Request, instance_id: InstanceId) -> Accepted:
         runtime = request.app.state.runtime
         await _ensure_exists(runtime, instance_id)

@@ -22,6 +22,19 @@ class ReasonBody(msgspec.Struct, forbid_unknown_fields=True):
     reason: Reason | None = None
 
 
+class ErrorDetail(msgspec.Struct):
+    key: str | None = None
+    message: str | None = None
+
+
+class Error(msgspec.Struct):
+    """Every error answer: the status, what went wrong, and per-field details for 400s."""
+
+    status_code: int
+    detail: str
+    extra: list[ErrorDetail] | dict[str, Any] | None = None
+
+
 class Accepted(msgspec.Struct):
     id: uuid.UUID
     command_id: str

@@ -25,6 +25,8 @@ async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
         routes = [(method.upper(), path) for path, item in spec["paths"].items()
                   for method in item if path not in PUBLIC]
         assert len(routes) >= 10
+        undocumented = [r for r in routes if "401" not in spec["paths"][r[1]][r[0].lower()]["responses"]]
+        assert undocumented == [], "the schema says which routes answer 401"
         for method, path in routes:
             url = path.replace("{instance_id}", str(uuid.uuid4()))
             for headers in ({}, {"Authorization": "Bearer cpk_not-a-key"},
