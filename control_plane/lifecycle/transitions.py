@@ -23,6 +23,12 @@ log = structlog.get_logger(__name__)
 WORK_CHANNEL = "cp_work"
 """NOTIFY channel that wakes lifecycle workers."""
 
+# Past `ready` (or off the boot path) the phase says what the instance is doing now; boot
+# phases come from progress (`actions.py`).
+_PHASES = {s: {"phase": s.value.replace("_", " ")} for s in (
+    Status.DRAINING, Status.TERMINATING, Status.TERMINATED, Status.STARTUP_FAILED,
+    Status.PROVIDER_DELETED, Status.ARCHIVED)}
+
 
 async def transition(
     session: AsyncSession,
@@ -41,7 +47,7 @@ async def transition(
     nobody holds a live lease on it. `changes` are extra columns set in the same update.
     """
     name = transition_name(source, target)
-    sets = {"status": target.value, **(changes or {})}
+    sets = {"status": target.value, **_PHASES.get(target, {}), **(changes or {})}
     assignments = ", ".join(f"{col} = :set_{col}" for col in sets)
     guard = (
         "lock_token = :lease"

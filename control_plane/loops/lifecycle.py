@@ -74,6 +74,7 @@ class LifecycleWorker:
         listener = asyncio.create_task(self._listen(stop), name="lifecycle-listen")
         try:
             while not stop.is_set():
+                self._wake.clear()  # before claiming: a NOTIFY during the claim is not lost
                 free = self._s.worker_concurrency - len(self._tasks)
                 claimed = []
                 if free > 0:
@@ -87,7 +88,6 @@ class LifecycleWorker:
                     task.add_done_callback(self._done)
                 if len(claimed) == free and free > 0:
                     continue  # more may be due
-                self._wake.clear()
                 waiters = [asyncio.create_task(self._wake.wait()), asyncio.create_task(stop.wait())]
                 await asyncio.wait(waiters, timeout=self._s.worker_poll_seconds,
                                    return_when=asyncio.FIRST_COMPLETED)

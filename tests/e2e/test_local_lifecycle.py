@@ -73,6 +73,8 @@ async def test_instance_goes_to_ready_and_back_to_terminated(control_plane, db, 
     await asyncio.wait_for(collect_until(cp, instance_id, "terminated", events, last_id=last), 60)
 
     async with cp.client() as client:
+        final = (await client.get(f"/v1/instances/{instance_id}")).json()
+        assert (final["status"], final["progress"], final["phase"]) == ("terminated", 100, "terminated")
         history = (await client.get(f"/v1/instances/{instance_id}/history")).json()["items"]
         assert [(h["from_status"], h["to_status"], h["transition"]) for h in history] == [
             (None, "provisioning", "create"),
