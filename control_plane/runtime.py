@@ -16,6 +16,7 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
 
+from control_plane.api_keys import store_key
 from control_plane.commands.consumer import CommandConsumer
 from control_plane.db.engine import asyncpg_dsn, make_engine, make_sessionmaker, upgrade
 from control_plane.feed.hub import FeedFilter, FeedHub
@@ -24,7 +25,7 @@ from control_plane.loops.leader import Leader
 from control_plane.loops.lifecycle import LifecycleWorker
 from control_plane.loops.scheduler import build_scheduler
 from control_plane.providers import Providers
-from control_plane.security import digest, new_api_key
+from control_plane.security import new_api_key
 from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -84,14 +85,14 @@ class Runtime:
         create one and return it, so a first start is usable; otherwise return None."""
         async with self.sessions.begin() as session:
             if self.settings.admin_api_key:
-                await _insert_key(session, "admin (CP_ADMIN_API_KEY)", self.settings.admin_api_key, ["admin"])
+                await store_key(session, "admin (CP_ADMIN_API_KEY)", self.settings.admin_api_key, ["admin"])
                 return None
             count = (await session.execute(
                 text("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL"))).scalar_one()
             if count:
                 return None
             key = new_api_key()
-            await _insert_key(session, "admin (first start)", key, ["admin"])
+            await store_key(session, "admin (first start)", key, ["admin"])
             return key
 
     def _agent_token_secret(self) -> bytes:
@@ -129,20 +130,3 @@ class Runtime:
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
-
-
-async def _insert_key(session, name: str, key: str, scopes: list[str]) -> None:
-    import uuid
-
-    await session.execute(
-        text("INSERT INTO api_keys (id, name, key_hash, prefix, scopes) VALUES (:id, :n, :h, :p, :s)"
-             " ON CONFLICT (key_hash) DO NOTHING"),
-        {"id": uuid.uuid4(), "n": name, "h": digest(key), "p": key[:8], "s": scopes})
-
-
-async def create_api_key(sessions, name: str, scopes: list[str]) -> str:
-    """A new API key with `scopes`; only its hash is stored, the key is returned once."""
-    key = new_api_key()
-    async with sessions.begin() as session:
-        await _insert_key(session, name, key, scopes)
-    return key

@@ -40,18 +40,11 @@ def up(
 @app.command()
 def migrate() -> None:
     """Apply database migrations and exit (`up` also does this on start)."""
-    settings = _settings()
 
-    async def run() -> None:
-        from control_plane.db.engine import upgrade
+    async def nothing(_sessions) -> None:
+        return None
 
-        services, bootstrap = await _services(settings)
-        try:
-            await asyncio.to_thread(upgrade, services.database_url)
-        finally:
-            await bootstrap.stop()
-
-    asyncio.run(run())
+    _with_database(nothing)
     typer.echo("Database is at the latest migration.")
 
 
@@ -61,26 +54,56 @@ def apikey_create(
     read_only: Annotated[bool, typer.Option("--read-only", help="May only read")] = False,
 ) -> None:
     """Create an API key; it is printed once, on the last line, and stored only hashed."""
+    from control_plane.api_keys import create_api_key
+
+    scopes = ["read"] if read_only else ["admin"]
+    key = _with_database(lambda sessions: create_api_key(sessions, name, scopes))
+    typer.echo(f"Created {'read-only' if read_only else 'admin'} API key {name!r}. It is shown only once:",
+               err=True)
+    typer.echo(key)
+
+
+@apikey_app.command("list")
+def apikey_list() -> None:
+    """List API keys (name, first characters, scopes, state); keys themselves are not stored."""
+    from control_plane.api_keys import list_api_keys
+
+    for key in _with_database(list_api_keys):
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
+        typer.echo(f"{key.name}\t{key.prefix}…\t{','.join(key.scopes)}\t"
+                   f"created {key.created_at:%Y-%m-%d %H:%M}\t{state}")
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(name: Annotated[str, typer.Option(help="Name of the key(s) to revoke")]) -> None:
+    """Revoke every live key with this name (running servers stop accepting it within
+    CP_API_KEY_CACHE_SECONDS)."""
+    from control_plane.api_keys import revoke_api_keys
+
+    count = _with_database(lambda sessions: revoke_api_keys(sessions, name))
+    if not count:
+        typer.echo(f"No live API key named {name!r}.", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Revoked {count} API key(s) named {name!r}.")
+
+
+def _with_database(action):
+    """Run `action(sessions)` against the control plane's database (migrated first)."""
     settings = _settings()
 
-    async def run() -> str:
+    async def run():
         from control_plane.db.engine import make_engine, make_sessionmaker, upgrade
-        from control_plane.runtime import create_api_key
 
         services, bootstrap = await _services(settings)
         engine = make_engine(services.database_url, pool_size=1)
         try:
             await asyncio.to_thread(upgrade, services.database_url)
-            return await create_api_key(make_sessionmaker(engine), name,
-                                        ["read"] if read_only else ["admin"])
+            return await action(make_sessionmaker(engine))
         finally:
             await engine.dispose()
             await bootstrap.stop()
 
-    key = asyncio.run(run())
-    typer.echo(f"Created {'read-only' if read_only else 'admin'} API key {name!r}. It is shown only once:",
-               err=True)
-    typer.echo(key)
+    return asyncio.run(run())
 
 
 def _settings(**overrides) -> Settings:

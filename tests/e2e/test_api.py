@@ -10,8 +10,8 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
+from control_plane.api_keys import create_api_key
 from control_plane.feed.events import emit
-from control_plane.runtime import create_api_key
 from tests.conftest import eventually
 
 PUBLIC = {"/healthz", "/readyz"}
@@ -217,3 +217,37 @@ async def test_idle_sse_connections_get_keep_alive_comments(control_plane):
                     break
     assert comments == [": connected", ": keep-alive"]
     assert first_id is not None and int(first_id) >= 0
+
+
+async def test_lists_page_with_cursors_without_gaps_or_repeats(control_plane, db):
+    ids = [uuid.uuid4() for _ in range(7)]
+    for n, instance_id in enumerate(ids):
+        await db.execute(
+            "INSERT INTO instances (id, provider, instance_type, model, labels, created_at)"
+            f" VALUES ($1, 'local', 'local-gpu', 'm', $2, now() - interval '{n} minutes')",
+            instance_id, json.dumps({"team": "a" if n % 2 else "b"}))
+        await db.execute(
+            "INSERT INTO instance_state_history (instance_id, to_status, transition, actor)"
+            " SELECT $1, 'provisioning', 'create', 'test' FROM generate_series(1, 5)", instance_id)
+
+    async with control_plane.client() as client:
+        seen, cursor = [], None
+        while True:
+            page = (await client.get("/v1/instances", params={"limit": 3, **({"cursor": cursor} if cursor else {})})).json()
+            seen += [item["id"] for item in page["items"]]
+            cursor = page["next"]
+            if cursor is None:
+                break
+        assert seen == [str(i) for i in ids], "newest first, each once"
+        labelled = (await client.get("/v1/instances", params={"label": "team=a"})).json()["items"]
+        assert [i["id"] for i in labelled] == [str(ids[n]) for n in (1, 3, 5)]
+
+        history, cursor = [], None
+        while True:
+            page = (await client.get(f"/v1/instances/{ids[0]}/history",
+                                     params={"limit": 2, **({"cursor": cursor} if cursor else {})})).json()
+            history += [item["id"] for item in page["items"]]
+            cursor = page["next"]
+            if cursor is None:
+                break
+        assert len(history) == 5 and history == sorted(set(history))

@@ -131,7 +131,7 @@ async def test_create_watch_reads_the_saved_key_and_prints_the_id_last(control_p
 
 
 async def test_errors_are_one_line_with_exit_code_2(control_plane):
-    from control_plane.runtime import create_api_key
+    from control_plane.api_keys import create_api_key
 
     cp = control_plane
     env = cli_env(cp)

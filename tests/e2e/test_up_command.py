@@ -63,3 +63,23 @@ async def test_apikey_create_prints_the_key_on_its_last_line(settings, db):
 
 async def _logged(path: Path, needle: str) -> bool:
     return path.exists() and needle in path.read_text()
+
+
+async def test_apikey_list_and_revoke(settings, db):
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            EXE, "apikey", *args, env=env_for(settings),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        return proc.returncode, out.decode(), err.decode()
+
+    code, out, _ = await cli("create", "--name", "robot")
+    key = out.strip().splitlines()[-1]
+    code, listing, _ = await cli("list")
+    assert code == 0 and "robot" in listing and key[:8] in listing and key not in listing
+    assert "live" in listing
+    code, out, _ = await cli("revoke", "--name", "robot")
+    assert code == 0 and "Revoked 1" in out
+    assert await db.fetchval("SELECT revoked_at IS NOT NULL FROM api_keys WHERE name = 'robot'")
+    code, _, err = await cli("revoke", "--name", "robot")
+    assert code == 1 and "No live API key" in err
