@@ -6,6 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -27,6 +28,7 @@ class AgentIdentity:
 
 class AgentConflict(Exception):
     """The instance is not in a state where this report applies."""
+
 
 
 async def authenticate(session: AsyncSession, token: str) -> AgentIdentity | None:
@@ -69,19 +71,18 @@ async def record_progress(
     return AgentReportAnswer(accepted=accepted, status=status)
 
 
-async def record_heartbeat(
-    sessions: async_sessionmaker[AsyncSession], agent: AgentIdentity, body: HeartbeatBody
-) -> AgentReportAnswer:
-    """Store the heartbeat's time, agent info and latest metrics on the instance."""
-    async with sessions.begin() as session:
-        status = (await session.execute(
-            text("UPDATE instances SET last_heartbeat_at = now(), agent_version = :v,"
-                 " agent_build_date = :b, agent_checksum = :c, last_metrics = CAST(:m AS jsonb)"
-                 " WHERE id = :id AND status = ANY(:live) RETURNING status"),
-            {"v": body.agent_info.version, "b": body.agent_info.build_date,
-             "c": body.agent_info.checksum,
-             "m": json.dumps({**body.metrics, "engine": body.engine}, default=str),
-             "id": agent.instance_id, "live": list(LIVE_STATUSES)})).scalar_one_or_none()
+async def record_heartbeat(pool: asyncpg.Pool, agent: AgentIdentity, body: HeartbeatBody) -> AgentReportAnswer:
+    """Store the heartbeat's time, agent info and latest metrics on the instance.
+
+    The hot path of the fleet (every node, every few seconds): one statement on a plain
+    asyncpg connection. Raises `AgentConflict` when the instance is no longer live."""
+    status = await pool.fetchval(
+        "UPDATE instances SET last_heartbeat_at = now(), agent_version = $2, agent_build_date = $3,"
+        " agent_checksum = $4, last_metrics = $5::jsonb"
+        " WHERE id = $1 AND status = ANY($6::text[]) RETURNING status",
+        agent.instance_id, body.agent_info.version, body.agent_info.build_date,
+        body.agent_info.checksum, json.dumps({**body.metrics, "engine": body.engine}, default=str),
+        list(LIVE_STATUSES))
     if status is None:
         raise AgentConflict("instance is no longer live; stop sending heartbeats")
     return AgentReportAnswer(accepted=True, status=status)

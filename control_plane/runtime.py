@@ -12,6 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
+import asyncpg
 import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -47,13 +48,17 @@ class Runtime:
         self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
         self.stop_event = asyncio.Event()
         self.api_key_cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}
+        self.agent_token_cache: dict[str, tuple[float, object]] = {}
         self._tasks: list[asyncio.Task] = []
         self._scheduler = None
         self.worker: LifecycleWorker | None = None
+        self.pool: asyncpg.Pool | None = None
+        """Plain asyncpg connections for hot paths (heartbeats), beside SQLAlchemy's."""
 
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await asyncio.to_thread(upgrade, self.database_url)
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10)
         await self.hub.start()
         self.agent_token_secret = self._agent_token_secret()
         self.worker = LifecycleWorker(self.sessions, self.dsn, self.providers, self.settings,
@@ -76,6 +81,8 @@ class Runtime:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.hub.stop()
+        if self.pool is not None:
+            await self.pool.close()
         await self.providers.close()
         await self.redis.aclose()
         await self.engine.dispose()

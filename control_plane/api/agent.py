@@ -31,5 +31,5 @@ class AgentController(Controller):
     @post("/heartbeat", status_code=200, summary="Report liveness, agent info and metrics",
           responses=AGENT_ERRORS)
     async def heartbeat(self, request: Request, data: JSONBody[HeartbeatBody]) -> AgentReportAnswer:
-        return await agents.record_heartbeat(request.app.state.runtime.sessions,
+        return await agents.record_heartbeat(request.app.state.runtime.pool,
                                              request.state.agent, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import asyncpg
 import structlog
 from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
@@ -105,6 +106,9 @@ def create_app(runtime: Runtime) -> Litestar:
             sa_exc.OperationalError: _unavailable,
             sa_exc.InterfaceError: _unavailable,
             sa_exc.TimeoutError: _unavailable,
+            asyncpg.PostgresConnectionError: _unavailable,
+            asyncpg.CannotConnectNowError: _unavailable,
+            asyncpg.InterfaceError: _unavailable,
             Exception: _internal,
         },
         openapi_config=OpenAPIConfig(

@@ -45,6 +45,12 @@ async def test_commands_published_during_an_outage_are_applied_after_it(settings
                 return response.status_code == 200 and len(response.json()["items"]) == 3
 
             await eventually(all_ready, timeout=60, interval=0.2, message="3 instances ready")
+
+            async def heartbeats_flow() -> bool:  # through the plain asyncpg pool, too
+                items = (await client.get("/v1/instances")).json()["items"]
+                return all(i["last_heartbeat_at"] for i in items)
+
+            await eventually(heartbeats_flow, timeout=30, interval=0.2, message="heartbeats stored")
             assert await redis.xlen(cfg.dead_letter_stream) == 0
             assert (await redis.xpending(cfg.command_stream, cfg.consumer_group))["pending"] == 0
             for item in (await client.get("/v1/instances")).json()["items"]:
