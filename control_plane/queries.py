@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import uuid
 from datetime import datetime
 from typing import Any
@@ -51,8 +52,6 @@ async def list_instances(
         clauses.append("provider = :provider")
         params["provider"] = provider
     if labels:
-        import json
-
         clauses.append("labels @> CAST(:labels AS jsonb)")
         params["labels"] = json.dumps(labels)
     if cursor:

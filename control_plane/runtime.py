@@ -17,6 +17,7 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
 
+from control_plane.agents import AgentIdentity
 from control_plane.api_keys import store_key
 from control_plane.commands.consumer import CommandConsumer
 from control_plane.db.engine import asyncpg_dsn, make_engine, make_sessionmaker, upgrade
@@ -48,7 +49,7 @@ class Runtime:
         self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
         self.stop_event = asyncio.Event()
         self.api_key_cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}
-        self.agent_token_cache: dict[str, tuple[float, object]] = {}
+        self.agent_token_cache: dict[str, tuple[float, AgentIdentity]] = {}
         self._tasks: list[asyncio.Task] = []
         self._scheduler = None
         self.worker: LifecycleWorker | None = None

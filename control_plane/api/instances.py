@@ -6,8 +6,10 @@ import uuid
 from typing import Annotated
 
 from litestar import Controller, Request, delete, get, post
+from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
+from sqlalchemy import text
 
 from control_plane import queries
 from control_plane.api.schemas import (
@@ -129,8 +131,6 @@ class InstanceExists(Exception):
 
 
 def _label(value: str) -> tuple[str, str]:
-    from litestar.exceptions import ValidationException
-
     key, sep, val = value.partition("=")
     if not sep or not key:
         raise ValidationException(f"label filter {value!r} is not key=value",
@@ -145,8 +145,6 @@ async def _ensure_exists(runtime, instance_id: InstanceId) -> None:
 
 async def _ensure_new(runtime, instance_id: InstanceId, command_id: str) -> None:
     """A client-chosen id must be new, unless this very request created it (a retry)."""
-    from sqlalchemy import text
-
     async with runtime.sessions() as session:
         creator = (await session.execute(
             text("SELECT created_by_command FROM instances WHERE id = :id"),

@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.commands.apply import Outcome, apply_command, apply_commands
@@ -261,8 +262,6 @@ class CommandConsumer:
 
 def is_outage(exc: BaseException) -> bool:
     """True when `exc` means Postgres could not be reached (not that the command is bad)."""
-    from sqlalchemy import exc as sa_exc
-
     if isinstance(exc, (OSError, sa_exc.TimeoutError, sa_exc.InterfaceError, sa_exc.OperationalError)):
         return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:

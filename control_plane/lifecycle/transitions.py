@@ -9,6 +9,7 @@ function writes nothing and returns False.
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
@@ -142,7 +143,5 @@ async def archive(session, instance_id, source: Status) -> bool:
                             reason="Retention period passed", actor="scheduler")
 
 
-def _now():
-    from datetime import UTC, datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)
