@@ -25,7 +25,8 @@ from control_plane.settings import Settings
 ADMIN_DSN = os.environ.get("CP_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("CP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = ("events", "instance_state_history", "instance_actions", "instance_volumes",
-          "instances", "processed_commands", "api_keys")
+          "instance_metrics", "agent_commands", "instances", "join_tokens",
+          "processed_commands", "api_keys")
 
 
 def free_port() -> int:

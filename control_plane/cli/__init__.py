@@ -20,6 +20,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(instances_app, name="instances")
+agent_app = typer.Typer(no_args_is_help=True, help="Agent release: checksum, build, version discipline.")
+app.add_typer(agent_app, name="agent")
 
 
 @app.command()
@@ -85,6 +87,52 @@ def apikey_revoke(name: Annotated[str, typer.Option(help="Name of the key(s) to 
         typer.echo(f"No live API key named {name!r}.", err=True)
         raise typer.Exit(1)
     typer.echo(f"Revoked {count} API key(s) named {name!r}.")
+
+
+@agent_app.command("checksum")
+def agent_checksum() -> None:
+    """Print the SHA-256 of the agent artifact built from this code (what agents report)."""
+    from control_plane.agent_release import build_release
+
+    typer.echo(build_release().sha256)
+
+
+@agent_app.command("build")
+def agent_build(output: Annotated[Path, typer.Option(help="Directory to write the wheel to")] = Path(".")) -> None:
+    """Write the agent wheel (byte-for-byte reproducible) and print its path and SHA-256."""
+    from control_plane.agent_release import build_release
+
+    release = build_release()
+    output.mkdir(parents=True, exist_ok=True)
+    (output / release.filename).write_bytes(release.artifact)
+    typer.echo(f"{output / release.filename}  sha256 {release.sha256}")
+
+
+@agent_app.command("version-check")
+def agent_version_check() -> None:
+    """Fail when the agent's code changed but AGENT_VERSION did not (CI runs this)."""
+    from control_plane.agent_release import VersionError, check_version
+
+    try:
+        release = check_version()
+    except VersionError as exc:
+        typer.echo(f"agent version check failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"agent {release.version} ({release.build_date}) matches its release record: {release.sha256}")
+
+
+@agent_app.command("version-bump")
+def agent_version_bump(
+    part: Annotated[str, typer.Option(help="major, minor or patch")] = "patch",
+) -> None:
+    """Raise AGENT_VERSION, set AGENT_BUILD_DATE to today and record the new checksum."""
+    from control_plane.agent_release import bump_version
+
+    try:
+        release = bump_version(part)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"agent {release.version} ({release.build_date}) recorded: {release.sha256}")
 
 
 def _with_database(action):

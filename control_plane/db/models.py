@@ -47,6 +47,7 @@ class Instance(Base):
         CheckConstraint(f"status IN ({_STATUSES})", name="status"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
         CheckConstraint("desired_state IN ('running', 'drained', 'terminated')", name="desired"),
+        CheckConstraint("agent_integrity IN ('unknown', 'verified', 'mismatch')", name="integrity"),
         Index(None, "status", "next_check_at"),
         Index(None, "created_at", "id"),
     )
@@ -56,6 +57,8 @@ class Instance(Base):
     zone: Mapped[str | None] = mapped_column(String(64))
     instance_type: Mapped[str] = mapped_column(String(128))
     model: Mapped[str] = mapped_column(String(512))
+    model_spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    """How the engine serves `model`: revision, tensor parallel size, memory, context, args."""
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     status: Mapped[str] = mapped_column(String(32), server_default=Status.PROVISIONING.value)
     desired_state: Mapped[str] = mapped_column(String(16), server_default="running")
@@ -71,6 +74,11 @@ class Instance(Base):
     agent_version: Mapped[str | None] = mapped_column(String(64))
     agent_build_date: Mapped[str | None] = mapped_column(String(32))
     agent_checksum: Mapped[str | None] = mapped_column(String(64))
+    agent_integrity: Mapped[str] = mapped_column(String(16), server_default="unknown")
+    """Whether the agent's reported version and checksum match the served release."""
+    agent_integrity_detail: Mapped[str | None] = mapped_column(Text)
+    credential_revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    """Set when the agent's credential was revoked: its requests are refused from then on."""
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
     last_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_by_command: Mapped[str | None] = mapped_column(String(256))
@@ -163,6 +171,64 @@ class Event(Base):
     instance_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
     data: Mapped[dict[str, Any]] = mapped_column(JSONB)
     at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class InstanceMetrics(Base):
+    """Heartbeat metrics as a time series (pruned after `CP_METRICS_RETENTION_SECONDS`)."""
+
+    __tablename__ = "instance_metrics"
+    __table_args__ = (Index(None, "instance_id", "at"), Index(None, "at"))
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("instances.id", ondelete="CASCADE")
+    )
+    at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    gpus: Mapped[list[Any]] = mapped_column(JSONB)
+    vllm: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    engine: Mapped[dict[str, Any]] = mapped_column(JSONB)
+
+
+class AgentCommand(Base):
+    """Work for one agent, delivered over its outbound stream until it acknowledges it."""
+
+    __tablename__ = "agent_commands"
+    __table_args__ = (
+        CheckConstraint("kind IN ('drain', 'restart_engine', 'upgrade', 'stop')", name="kind"),
+        CheckConstraint("outcome IN ('done', 'failed', 'ignored')", name="outcome"),
+        Index(None, "instance_id", "acked_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    instance_id: Mapped[uuid.UUID] = mapped_column(
+        UUID, ForeignKey("instances.id", ondelete="CASCADE")
+    )
+    kind: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    acked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    outcome: Mapped[str | None] = mapped_column(String(16))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class JoinToken(Base):
+    """A one-time token an on-prem host exchanges for its own credential (stored hashed)."""
+
+    __tablename__ = "join_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    instance_type: Mapped[str] = mapped_column(String(128))
+    model: Mapped[str] = mapped_column(String(512))
+    model_spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    expires_at: Mapped[datetime] = mapped_column(Timestamp)
+    used_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    instance_id: Mapped[uuid.UUID | None] = mapped_column(UUID)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
 
 class ProcessedCommand(Base):

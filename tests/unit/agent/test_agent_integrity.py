@@ -1,10 +1,20 @@
-"""``code_checksum``: deterministic, covers every source file, ignores caches."""
+"""The agent artifact: reproducible, a valid wheel, and its SHA-256 is the agent's checksum."""
 
+import base64
 import hashlib
+import io
 import shutil
+import zipfile
 from pathlib import Path
 
-from worker_agent.integrity import PACKAGE_ROOT, code_checksum
+from worker_agent import AGENT_VERSION
+from worker_agent.integrity import (
+    PACKAGE_ROOT,
+    agent_version,
+    artifact_name,
+    build_artifact,
+    code_checksum,
+)
 
 
 def copy_package(tmp_path: Path) -> Path:
@@ -13,29 +23,45 @@ def copy_package(tmp_path: Path) -> Path:
     return root
 
 
-def test_checksum_is_a_stable_sha256_of_the_installed_package() -> None:
-    first = code_checksum()
+def test_the_checksum_is_the_sha256_of_the_artifact() -> None:
+    artifact = build_artifact()
 
-    assert first == code_checksum()
-    assert len(first) == 64 and int(first, 16) >= 0
-
-
-def test_checksum_follows_the_documented_algorithm(tmp_path: Path) -> None:
-    root = tmp_path / "pkg"
-    (root / "sub").mkdir(parents=True)
-    (root / "b.py").write_bytes(b"B")
-    (root / "a.py").write_bytes(b"A")
-    (root / "sub" / "c.py").write_bytes(b"C")
-    (root / "notes.txt").write_bytes(b"not code")
-
-    expected = hashlib.sha256(b"a.py\0A" + b"b.py\0B" + b"sub/c.py\0C").hexdigest()
-    assert code_checksum(root) == expected
+    assert code_checksum() == hashlib.sha256(artifact).hexdigest()
+    assert artifact_name(AGENT_VERSION) == f"worker_agent-{AGENT_VERSION}-py3-none-any.whl"
 
 
-def test_checksum_changes_with_code_and_ignores_pycache(tmp_path: Path) -> None:
+def test_same_sources_elsewhere_give_the_same_bytes(tmp_path: Path) -> None:
+    root = copy_package(tmp_path)
+    for path in root.rglob("*.py"):  # timestamps and modes must not matter
+        path.touch()
+        path.chmod(0o600)
+
+    assert build_artifact(root) == build_artifact()
+
+
+def test_artifact_is_a_wheel_whose_record_matches_its_files() -> None:
+    wheel = zipfile.ZipFile(io.BytesIO(build_artifact()))
+    names = wheel.namelist()
+    dist_info = f"worker_agent-{AGENT_VERSION}.dist-info"
+
+    assert "worker_agent/__main__.py" in names and f"{dist_info}/METADATA" in names
+    assert not any("__pycache__" in n for n in names)
+    metadata = wheel.read(f"{dist_info}/METADATA").decode()
+    assert f"Version: {AGENT_VERSION}" in metadata and "Requires-Dist: httpx" in metadata
+    for line in wheel.read(f"{dist_info}/RECORD").decode().splitlines():
+        name, digest, size = line.split(",")
+        if name.endswith("RECORD"):
+            continue
+        data = wheel.read(name)
+        expected = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert digest == f"sha256={expected}" and int(size) == len(data)
+    assert names[-1] == f"{dist_info}/RECORD"
+
+
+def test_checksum_changes_with_code_and_ignores_other_files(tmp_path: Path) -> None:
     root = copy_package(tmp_path)
     original = code_checksum(root)
-    assert original == code_checksum()  # a copy elsewhere has the same digest
+    assert original == code_checksum()
 
     cache = root / "__pycache__"
     cache.mkdir(exist_ok=True)
@@ -48,10 +74,14 @@ def test_checksum_changes_with_code_and_ignores_pycache(tmp_path: Path) -> None:
     assert code_checksum(root) != original
 
 
-def test_a_rename_changes_the_checksum(tmp_path: Path) -> None:
+def test_a_rename_or_a_version_change_changes_the_checksum(tmp_path: Path) -> None:
     root = copy_package(tmp_path)
     original = code_checksum(root)
 
     (root / "metrics.py").rename(root / "metrics_renamed.py")
+    renamed = code_checksum(root)
+    init = root / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{AGENT_VERSION}"', '"9.9.9"'))
 
-    assert code_checksum(root) != original
+    assert len({original, renamed, code_checksum(root)}) == 3
+    assert agent_version(root)[0] == "9.9.9"
