@@ -131,6 +131,9 @@ class ProviderAdapter(abc.ABC):
     """One provider behind the common contract (see the module docstring)."""
 
     name: str
+    owns_machines: bool = True
+    """False when machines belong to someone else (on-prem hosts): terminating then stops the
+    agent through its command stream and releases the machine instead of deleting it."""
 
     @abc.abstractmethod
     async def list_offers(self) -> list[Offer]:

@@ -27,6 +27,7 @@ class Providers:
     @classmethod
     def from_settings(cls, settings: Settings) -> Providers:
         from adapters.local import LocalProvider
+        from adapters.onprem import OnPremHosts
 
         local = LocalProvider(
             settings.data_dir / "local-provider",
@@ -34,7 +35,7 @@ class Providers:
             boot_seconds=settings.local_boot_seconds,
             model_cache=settings.local_model_cache,
         )
-        return cls({"local": local})
+        return cls({"local": local, "onprem": OnPremHosts()})
 
     def get(self, name: str) -> ProviderAdapter:
         try:
@@ -63,6 +64,10 @@ class Providers:
             offers = await self.offers(provider)
         except ProviderError as exc:
             raise UnknownOffer(f"could not list offers of {provider!r}: {exc}", "provider") from exc
+        if not self.get(provider).owns_machines:
+            raise UnknownOffer(f"{provider!r} machines are not created but join by themselves:"
+                               " create a join token and run the install script on the host",
+                               "provider")
         types = sorted({o.instance_type for o in offers})
         matching = [o for o in offers if o.instance_type == instance_type]
         if not matching:

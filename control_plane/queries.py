@@ -114,10 +114,13 @@ async def _child_page(session: AsyncSession, table: str, instance_id: uuid.UUID,
 def _instance(r: Any) -> InstanceOut:
     return InstanceOut(
         id=r.id, provider=r.provider, zone=r.zone, instance_type=r.instance_type, model=r.model,
-        labels=r.labels, status=r.status, desired_state=r.desired_state, progress=r.progress,
+        model_spec=r.model_spec, labels=r.labels, status=r.status,
+        routable=r.status == "ready" and r.agent_integrity == "verified",
+        desired_state=r.desired_state, progress=r.progress,
         phase=r.phase, provider_instance_id=r.provider_instance_id, ip=r.ip,
         failure_reason=r.failure_reason,
-        agent=AgentInfo(version=r.agent_version, build_date=r.agent_build_date, checksum=r.agent_checksum),
+        agent=AgentInfo(version=r.agent_version, build_date=r.agent_build_date, checksum=r.agent_checksum,
+                        integrity=r.agent_integrity, integrity_detail=r.agent_integrity_detail),
         last_heartbeat_at=r.last_heartbeat_at, metrics=r.last_metrics, created_at=r.created_at,
         updated_at=r.updated_at, status_changed_at=r.status_changed_at, ready_at=r.ready_at,
         terminated_at=r.terminated_at)

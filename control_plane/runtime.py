@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import uuid
 from pathlib import Path
 
 import asyncpg
@@ -49,7 +50,7 @@ class Runtime:
         self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
         self.stop_event = asyncio.Event()
         self.api_key_cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}
-        self.agent_token_cache: dict[str, tuple[float, AgentIdentity]] = {}
+        self.agent_token_cache: dict[uuid.UUID, tuple[float, AgentIdentity]] = {}
         self._tasks: list[asyncio.Task] = []
         self._scheduler = None
         self.worker: LifecycleWorker | None = None

@@ -83,6 +83,12 @@ class Settings:
 
     agent_heartbeat_seconds: float = 10.0
     """Heartbeat interval the control plane configures on its agents."""
+    agent_signature_max_skew_seconds: float = 300.0
+    """Largest clock difference accepted on a signed agent request (nonces are kept twice as long)."""
+    agent_stop_timeout_seconds: float = 120.0
+    """How long termination waits for an on-prem agent to confirm it stopped its engine."""
+    metrics_retention_seconds: float = 7 * 24 * 3600.0
+    """Age after which heartbeat metrics are deleted from the time series."""
 
     sse_keepalive_seconds: float = 15.0
     """Interval of keep-alive comments on idle SSE connections."""

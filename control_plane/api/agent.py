@@ -1,27 +1,60 @@
-"""Routes the worker agents call, authenticated by their instance's own token."""
+"""Routes for worker agents and their installation.
+
+Signed by the agent (`require_agent_signature`): progress, heartbeats, events, the command
+stream and command acknowledgements. Public, because a host has nothing else yet and none of
+it is secret: the release manifest, the artifact and the install script. Registration
+authenticates with a one-time join token.
+"""
 
 from __future__ import annotations
 
-from litestar import Controller, Request, post
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import JSONBody
+from litestar.params import FromPath, JSONBody
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from control_plane import agents
-from control_plane.api.auth import require_agent_token
-from control_plane.api.schemas import AgentProgressBody, AgentReportAnswer, Error, HeartbeatBody
+from control_plane import agents, registration
+from control_plane.agent_release import current_release
+from control_plane.api.auth import require_agent_signature
+from control_plane.api.schemas import (
+    AgentEventBody,
+    AgentProgressBody,
+    AgentReportAnswer,
+    CommandAckBody,
+    Error,
+    HeartbeatBody,
+    Manifest,
+    RegisterBody,
+    Registration,
+)
+from control_plane.feed.hub import FeedFilter
+from control_plane.security import bearer
 
-AGENT_ERRORS = {
-    400: ResponseSpec(Error, description="Invalid report", generate_examples=False),
-    401: ResponseSpec(Error, description="Missing or invalid agent token", generate_examples=False),
-    409: ResponseSpec(Error, description="The instance no longer accepts this report", generate_examples=False),
-}
+INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "install.sh"
+
+
+def _errors(*codes: int) -> dict[int, ResponseSpec]:
+    described = {400: "Invalid report", 401: "Unsigned, badly signed, replayed or revoked",
+                 404: "No such command for this instance",
+                 409: "The instance no longer accepts this report", 503: "Redis or Postgres unavailable"}
+    return {c: ResponseSpec(Error, description=described[c], generate_examples=False) for c in codes}
+
+
+AGENT_ERRORS = _errors(400, 401, 409, 503)
 
 
 class AgentController(Controller):
     path = "/v1/agent"
     tags = ["agent"]
-    guards = [require_agent_token]
-    security = [{"agentToken": []}]
+    guards = [require_agent_signature]
+    security = [{"agentSignature": []}]
 
     @post("/progress", status_code=200, summary="Report a boot phase", responses=AGENT_ERRORS)
     async def progress(self, request: Request, data: JSONBody[AgentProgressBody]) -> AgentReportAnswer:
@@ -31,5 +64,92 @@ class AgentController(Controller):
     @post("/heartbeat", status_code=200, summary="Report liveness, agent info and metrics",
           responses=AGENT_ERRORS)
     async def heartbeat(self, request: Request, data: JSONBody[HeartbeatBody]) -> AgentReportAnswer:
-        return await agents.record_heartbeat(request.app.state.runtime.pool,
-                                             request.state.agent, data)
+        runtime = request.app.state.runtime
+        return await agents.record_heartbeat(runtime.pool, runtime.sessions, request.state.agent,
+                                             data, current_release())
+
+    @post("/events", status_code=200, summary="Report an event on the node (engine crash, drain…)",
+          responses=AGENT_ERRORS)
+    async def event(self, request: Request, data: JSONBody[AgentEventBody]) -> AgentReportAnswer:
+        return await agents.record_event(request.app.state.runtime.sessions, request.state.agent, data)
+
+    @get("/commands", summary="Commands for this agent (text/event-stream, outbound only)",
+         responses=_errors(401, 503))
+    async def commands(self, request: Request) -> ServerSentEvent:
+        runtime = request.app.state.runtime
+        stream = _commands(runtime, request.state.agent.instance_id)
+        return ServerSentEvent(stream, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @post("/commands/{command_id:uuid}/ack", status_code=200, summary="Acknowledge a command (idempotent)",
+          responses=_errors(400, 401, 404, 503))
+    async def ack(self, request: Request, command_id: FromPath[uuid.UUID],
+                  data: JSONBody[CommandAckBody]) -> dict[str, bool]:
+        try:
+            first = await agents.ack_command(request.app.state.runtime.sessions, request.state.agent,
+                                             command_id, data)
+        except agents.UnknownAgentCommand as exc:
+            raise NotFoundException(str(exc)) from None
+        return {"recorded": first}
+
+
+class AgentInstallController(Controller):
+    path = "/v1/agent"
+    tags = ["agent"]
+    security = [{}]
+
+    @get("/manifest", summary="The agent release: version, build date, SHA-256, artifact URL")
+    async def manifest(self, request: Request) -> Manifest:
+        return Manifest(**current_release().manifest(request.app.state.runtime.settings.agent_url))
+
+    @get("/artifact/{filename:str}", summary="The agent wheel (verify its SHA-256 against the manifest)",
+         media_type="application/octet-stream", responses={404: ResponseSpec(Error, description="Unknown artifact")})
+    async def artifact(self, filename: str) -> Response[bytes]:
+        release = current_release()
+        if filename != release.filename:
+            raise NotFoundException(f"this control plane serves {release.filename} only")
+        return Response(release.artifact, media_type="application/octet-stream",
+                        headers={"Content-Disposition": f'attachment; filename="{filename}"'})
+
+    @get("/install.sh", summary="The agent install script", media_type="text/x-shellscript")
+    async def install_script(self) -> Response[bytes]:
+        return Response(INSTALL_SCRIPT.read_bytes(), media_type="text/x-shellscript")
+
+    @post("/register", status_code=201, summary="Exchange a one-time join token for an instance and its credential",
+          responses={401: ResponseSpec(Error, description="Join token unknown, used, expired or revoked"),
+                     400: ResponseSpec(Error, description="Invalid body")})
+    async def register(self, request: Request, data: JSONBody[RegisterBody]) -> Registration:
+        token = bearer(request.headers.get("authorization"))
+        if token is None:
+            raise NotAuthorizedException("send the join token as 'Authorization: Bearer <token>'")
+        runtime = request.app.state.runtime
+        try:
+            return await registration.register(runtime.sessions, runtime.settings,
+                                               runtime.agent_token_secret, token, data)
+        except registration.JoinRefused as exc:
+            raise NotAuthorizedException(str(exc)) from None
+
+
+async def _commands(runtime, instance_id: uuid.UUID) -> AsyncIterator[ServerSentEventMessage]:
+    """Pending commands at once, then each new one as its feed event arrives. Subscribing
+    before reading the table means a command queued in between is not missed; the agent
+    dedupes by command id, so a repeat is harmless."""
+    sub = runtime.hub.subscribe(FeedFilter(instance_id, ("agent.command",)))
+    sent: set[str] = set()
+    try:
+        yield ServerSentEventMessage(comment="connected")
+        while True:
+            for command in await agents.pending_commands(runtime.pool, instance_id):
+                if command["id"] not in sent:
+                    sent.add(command["id"])
+                    yield ServerSentEventMessage(data=json.dumps(command), event="command", id=command["id"])
+            if sub.overflowed:
+                return
+            try:
+                event = await asyncio.wait_for(sub.queue.get(), runtime.settings.sse_keepalive_seconds)
+            except TimeoutError:
+                yield ServerSentEventMessage(comment="keep-alive")
+                continue
+            if event is None:
+                return  # server shutting down
+    finally:
+        runtime.hub.unsubscribe(sub)

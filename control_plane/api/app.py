@@ -17,10 +17,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from control_plane.agents import AgentConflict
-from control_plane.api.agent import AgentController
+from control_plane.api.agent import AgentController, AgentInstallController
 from control_plane.api.auth import require_api_key
 from control_plane.api.events import EventController
-from control_plane.api.instances import InstanceController, InstanceExists
+from control_plane.api.instances import InstanceController, InstanceExists, JoinTokenController
 from control_plane.api.schemas import Health
 from control_plane.providers import UnknownOffer
 from control_plane.queries import BadCursor, NotFound
@@ -89,10 +89,10 @@ def _internal(request: Request, exc: Exception) -> Response:
 
 
 def create_app(runtime: Runtime) -> Litestar:
-    admin = Router(path="/", route_handlers=[InstanceController, EventController],
+    admin = Router(path="/", route_handlers=[InstanceController, JoinTokenController, EventController],
                    guards=[require_api_key])
     app = Litestar(
-        route_handlers=[healthz, readyz, admin, AgentController],
+        route_handlers=[healthz, readyz, admin, AgentController, AgentInstallController],
         exception_handlers={
             NotFound: _not_found,
             InstanceExists: _conflict,
@@ -117,7 +117,10 @@ def create_app(runtime: Runtime) -> Litestar:
             description="Admin API: send `Authorization: Bearer <API key>`.",
             components=Components(security_schemes={
                 "apiKey": SecurityScheme(type="http", scheme="bearer", description="Admin API key"),
-                "agentToken": SecurityScheme(type="http", scheme="bearer", description="An instance's agent token"),
+                "agentSignature": SecurityScheme(
+                    type="apiKey", name="X-Agent-Signature", security_scheme_in="header",
+                    description="HMAC-SHA256 with the instance's agent token, with X-Agent-Instance,"
+                                " X-Agent-Timestamp and X-Agent-Nonce (worker_agent/signing.py)"),
             }),
             security=[{"apiKey": []}],
         ),

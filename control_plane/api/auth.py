@@ -6,18 +6,23 @@ every request (a revoked key stops working within `CP_API_KEY_CACHE_SECONDS`).
 
 from __future__ import annotations
 
+import re
 import time
+import uuid
 
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from sqlalchemy import text
 
 from control_plane import agents
-from control_plane.security import bearer, digest
+from control_plane.security import agent_token, bearer, digest
+from worker_agent import signing
 
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
 AGENT_TOKEN_CACHE_SECONDS = 60.0
+_NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -33,28 +38,67 @@ async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> No
     connection.state.scopes = scopes
 
 
-async def require_agent_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
-    """Guard: the token of one instance's agent (admin keys are not accepted here).
+async def require_agent_signature(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: a request signed with one instance's agent token (`worker_agent/signing.py`).
 
-    Known tokens are remembered for `AGENT_TOKEN_CACHE_SECONDS`, sparing heartbeats a query;
-    routes still check the instance's status in their own statement."""
-    token = bearer(connection.headers.get("authorization"))
-    if token is None:
-        raise NotAuthorizedException("missing agent token")
+    Checks, in order: all signing headers present, timestamp within the allowed skew, the
+    instance known with a live credential (cached for `AGENT_TOKEN_CACHE_SECONDS`; statements
+    check revocation again), the HMAC over method, path, timestamp, nonce and body, and
+    finally that the nonce was never used (Redis, kept for twice the skew)."""
+    headers = connection.headers
+    instance, timestamp, nonce, given = (headers.get(h) for h in (
+        signing.INSTANCE_HEADER, signing.TIMESTAMP_HEADER, signing.NONCE_HEADER,
+        signing.SIGNATURE_HEADER))
+    if not (instance and timestamp and nonce and given):
+        raise NotAuthorizedException(
+            "unsigned agent request: send X-Agent-Instance, X-Agent-Timestamp, X-Agent-Nonce"
+            " and X-Agent-Signature (HMAC-SHA256 with the instance's token)")
     runtime = connection.app.state.runtime
-    token_hash = digest(token)
-    hit = runtime.agent_token_cache.get(token_hash)
-    if hit and time.monotonic() - hit[0] < AGENT_TOKEN_CACHE_SECONDS:
-        connection.state.agent = hit[1]
-        return
-    async with runtime.sessions() as session:
-        identity = await agents.authenticate(session, token)
+    skew = runtime.settings.agent_signature_max_skew_seconds
+    try:
+        instance_id = uuid.UUID(instance)
+        off = abs(time.time() - int(timestamp))
+    except ValueError:
+        raise NotAuthorizedException("malformed X-Agent-Instance or X-Agent-Timestamp") from None
+    if off > skew:
+        raise NotAuthorizedException(
+            f"request timestamp is {off:.0f} s away from the control plane's clock (max {skew:.0f} s)")
+    if not _NONCE.fullmatch(nonce):
+        raise NotAuthorizedException("X-Agent-Nonce must be 16-64 characters of [A-Za-z0-9_-]")
+    identity = await _agent(runtime, instance_id)
     if identity is None:
-        raise NotAuthorizedException("invalid agent token")
+        raise NotAuthorizedException("unknown instance or revoked agent credential")
+    body = await connection.body() if isinstance(connection, Request) else b""
+    path = connection.scope["raw_path"].decode()
+    if query := connection.scope.get("query_string", b"").decode():
+        path = f"{path}?{query}"
+    method = connection.scope.get("method", "GET")
+    if not signing.valid(identity.token, method, path, timestamp, nonce, body, given):
+        raise NotAuthorizedException("bad agent request signature")
+    fresh = await runtime.redis.set(f"cp:agent-nonce:{instance_id}:{nonce}", 1, nx=True,
+                                    ex=max(1, int(2 * skew)))
+    if not fresh:
+        raise NotAuthorizedException("replayed agent request: this nonce was already used")
+    connection.state.agent = identity
+
+
+async def _agent(runtime, instance_id: uuid.UUID) -> agents.AgentIdentity | None:
+    hit = runtime.agent_token_cache.get(instance_id)
+    if hit and time.monotonic() - hit[0] < AGENT_TOKEN_CACHE_SECONDS:
+        return hit[1]
+    token = agent_token(runtime.agent_token_secret, instance_id)
+    async with runtime.sessions() as session:
+        live = (await session.execute(
+            text("SELECT 1 FROM instances WHERE id = :id AND agent_token_hash = :h"
+                 " AND credential_revoked_at IS NULL"),
+            {"id": instance_id, "h": digest(token)})).first()
+    if live is None:
+        return None
+    identity = agents.AgentIdentity(instance_id, token)
     if len(runtime.agent_token_cache) > 100_000:
         runtime.agent_token_cache.clear()
-    runtime.agent_token_cache[token_hash] = (time.monotonic(), identity)
-    connection.state.agent = identity
+    runtime.agent_token_cache[instance_id] = (time.monotonic(), identity)
+    return identity
 
 
 async def _scopes(connection: ASGIConnection, token: str) -> tuple[str, ...] | None:

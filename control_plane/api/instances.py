@@ -11,15 +11,24 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 from sqlalchemy import text
 
-from control_plane import queries
+from control_plane import queries, registration
+from control_plane.agents import AgentConflict, enqueue_command
 from control_plane.api.schemas import (
     Accepted,
     ActionPage,
+    AgentCommandBody,
+    AgentCommandOut,
+    AgentCommandPage,
     CreateInstanceBody,
     Error,
     HistoryPage,
     InstanceOut,
     InstancePage,
+    JoinTokenBody,
+    JoinTokenCreated,
+    JoinTokenPage,
+    MetricsPage,
+    MetricsPoint,
     ReasonBody,
     VolumePage,
 )
@@ -32,7 +41,9 @@ from control_plane.commands.schema import (
     TerminateInstance,
     TerminatePayload,
 )
+from control_plane.feed.events import emit
 from control_plane.lifecycle.states import Status
+from control_plane.queries import NotFound
 
 
 def error_responses(*codes: int) -> dict[int, ResponseSpec]:
@@ -61,7 +72,8 @@ class InstanceController(Controller):
         command_id = f"api:create:{data.idempotency_key or uuid.uuid4()}"
         command = CreateInstance(version=1, id=command_id, payload=CreatePayload(
             provider=data.provider, instance_type=data.instance_type, model=data.model,
-            zone=data.zone, labels=data.labels, instance_id=data.instance_id))
+            model_spec=data.model_spec, zone=data.zone, labels=data.labels,
+            instance_id=data.instance_id))
         if data.instance_id is not None:
             await _ensure_new(runtime, data.instance_id, command_id)
         await publish(runtime.redis, runtime.settings.command_stream, command)
@@ -124,6 +136,86 @@ class InstanceController(Controller):
             version=1, id=command_id,
             payload=TerminatePayload(instance_id=instance_id, reason="Termination requested via API")))
         return Accepted(id=instance_id, command_id=command_id)
+
+
+    @post("/{instance_id:uuid}/agent-commands", status_code=202,
+          summary="Send a command to the instance's agent (drain, restart_engine, upgrade, stop)",
+          responses=error_responses(400, 401, 403, 404, 409, 503))
+    async def send_agent_command(self, request: Request, instance_id: InstanceId,
+                                 data: JSONBody[AgentCommandBody]) -> dict[str, uuid.UUID]:
+        async with request.app.state.runtime.sessions.begin() as session:
+            status = await _live_status(session, instance_id)
+            if status not in ("booting", "ready", "draining"):
+                raise AgentConflict(f"instance is {status}: its agent takes no commands")
+            command_id = await enqueue_command(session, instance_id, data.kind,
+                                               reason=data.reason or "Requested via API")
+        return {"id": command_id}
+
+    @get("/{instance_id:uuid}/agent-commands", summary="Commands sent to the agent and their outcome",
+         responses=READ_ERRORS)
+    async def agent_commands(self, request: Request, instance_id: InstanceId) -> AgentCommandPage:
+        async with request.app.state.runtime.sessions() as session:
+            await _live_status(session, instance_id)
+            rows = await session.execute(text(
+                "SELECT id, kind, reason, created_at, acked_at, outcome, detail FROM agent_commands"
+                " WHERE instance_id = :id ORDER BY created_at DESC LIMIT 200"), {"id": instance_id})
+            return AgentCommandPage(items=[AgentCommandOut(**r._mapping) for r in rows])
+
+    @post("/{instance_id:uuid}/revoke-credential", status_code=200,
+          summary="Revoke the agent's credential: its requests are refused from now on",
+          responses=WRITE_ERRORS)
+    async def revoke_credential(self, request: Request, instance_id: InstanceId) -> InstanceOut:
+        runtime = request.app.state.runtime
+        async with runtime.sessions.begin() as session:
+            await _live_status(session, instance_id)
+            await session.execute(text(
+                "UPDATE instances SET credential_revoked_at = coalesce(credential_revoked_at, now())"
+                " WHERE id = :id"), {"id": instance_id})
+            await emit(session, "instance.credential_revoked",
+                       {"instance_id": str(instance_id), "message": "Agent credential revoked"}, instance_id)
+        runtime.agent_token_cache.pop(instance_id, None)
+        async with runtime.sessions() as session:
+            return await queries.get_instance(session, instance_id)
+
+    @get("/{instance_id:uuid}/metrics", summary="Heartbeat metrics, newest first", responses=READ_ERRORS)
+    async def metrics(self, request: Request, instance_id: InstanceId, limit: Limit = 100) -> MetricsPage:
+        async with request.app.state.runtime.sessions() as session:
+            await _live_status(session, instance_id)
+            rows = await session.execute(text(
+                "SELECT at, gpus, vllm, engine FROM instance_metrics WHERE instance_id = :id"
+                " ORDER BY at DESC LIMIT :limit"), {"id": instance_id, "limit": limit})
+            return MetricsPage(items=[MetricsPoint(**r._mapping) for r in rows])
+
+
+class JoinTokenController(Controller):
+    path = "/v1/join-tokens"
+    tags = ["join tokens"]
+
+    @post("/", status_code=201, summary="Create a one-time join token for an on-prem host",
+          responses=error_responses(400, 401, 403, 503))
+    async def create(self, request: Request, data: JSONBody[JoinTokenBody]) -> JoinTokenCreated:
+        runtime = request.app.state.runtime
+        return await registration.create_join_token(runtime.sessions, data, runtime.settings.agent_url)
+
+    @get("/", summary="List join tokens (the tokens themselves are not stored)",
+         responses=error_responses(401))
+    async def list(self, request: Request) -> JoinTokenPage:
+        async with request.app.state.runtime.sessions() as session:
+            return JoinTokenPage(items=await registration.list_join_tokens(session))
+
+    @delete("/{token_id:uuid}", status_code=204, summary="Revoke an unused join token",
+            responses=error_responses(401, 403, 404))
+    async def revoke(self, request: Request, token_id: FromPath[uuid.UUID]) -> None:
+        if not await registration.revoke_join_token(request.app.state.runtime.sessions, token_id):
+            raise NotFound(f"no unused, unrevoked join token {token_id}")
+
+
+async def _live_status(session, instance_id: uuid.UUID) -> str:
+    status = (await session.execute(text("SELECT status FROM instances WHERE id = :id"),
+                                    {"id": instance_id})).scalar_one_or_none()
+    if status is None:
+        raise NotFound(f"instance {instance_id} not found")
+    return status
 
 
 class InstanceExists(Exception):

@@ -8,7 +8,16 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from control_plane.commands.schema import CommandId, CreatePayload, Reason
+from control_plane.commands.schema import (
+    _END,
+    CommandId,
+    CreatePayload,
+    Labels,
+    Model,
+    ModelSpec,
+    Name,
+    Reason,
+)
 
 
 class CreateInstanceBody(CreatePayload, forbid_unknown_fields=True):
@@ -44,6 +53,9 @@ class AgentInfo(msgspec.Struct):
     version: str | None
     build_date: str | None
     checksum: str | None
+    integrity: str
+    """`verified` (the served release), `mismatch`, or `unknown` before the first heartbeat."""
+    integrity_detail: str | None
 
 
 class InstanceOut(msgspec.Struct):
@@ -52,8 +64,11 @@ class InstanceOut(msgspec.Struct):
     zone: str | None
     instance_type: str
     model: str
+    model_spec: dict[str, Any]
     labels: dict[str, str]
     status: str
+    routable: bool
+    """Ready, with a verified agent: may receive traffic."""
     desired_state: str
     progress: int
     phase: str | None
@@ -132,9 +147,111 @@ class AgentProgressBody(msgspec.Struct):
     message: ShortText | None = None
 
 
-class AgentReportAnswer(msgspec.Struct):
+class AgentReportAnswer(msgspec.Struct, omit_defaults=True):
     accepted: bool
     status: str
+    integrity: str | None = None
+    """On heartbeats: `verified`, or `mismatch` when the agent is not the served release."""
+
+
+AgentEventKind = Literal["engine_crashed", "engine_restarted", "engine_hung", "engine_gave_up",
+                         "engine_stopped", "drained", "upgraded", "command_failed"]
+
+
+class AgentEventBody(msgspec.Struct):
+    kind: AgentEventKind
+    message: ShortText
+    data: Annotated[dict[str, Any], msgspec.Meta(max_length=32)] = {}
+
+
+class CommandAckBody(msgspec.Struct, forbid_unknown_fields=True):
+    outcome: Literal["done", "failed", "ignored"]
+    detail: ShortText | None = None
+
+
+class AgentCommandBody(msgspec.Struct, forbid_unknown_fields=True):
+    kind: Literal["drain", "restart_engine", "upgrade", "stop"]
+    reason: Reason | None = None
+
+
+class AgentCommandOut(msgspec.Struct):
+    id: uuid.UUID
+    kind: str
+    reason: str | None
+    created_at: datetime
+    acked_at: datetime | None
+    outcome: str | None
+    detail: str | None
+
+
+class AgentCommandPage(msgspec.Struct):
+    items: list[AgentCommandOut]
+
+
+class Manifest(msgspec.Struct):
+    version: str
+    build_date: str
+    sha256: str
+    url: str
+    filename: str
+    size: int
+
+
+class JoinTokenBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: Name
+    model: Model
+    model_spec: ModelSpec = msgspec.field(default_factory=ModelSpec)
+    instance_type: Name = "onprem"
+    """A label for the host's kind of machine, e.g. `4xL40S`."""
+    labels: Labels = {}
+    ttl_seconds: Annotated[int, msgspec.Meta(ge=60, le=7 * 24 * 3600)] = 3600
+
+
+class JoinTokenOut(msgspec.Struct):
+    id: uuid.UUID
+    name: str
+    instance_type: str
+    model: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    instance_id: uuid.UUID | None
+    revoked_at: datetime | None
+
+
+class JoinTokenCreated(msgspec.Struct):
+    id: uuid.UUID
+    token: str
+    """Shown once; stored only hashed. Single use, expires at `expires_at`."""
+    expires_at: datetime
+    install_command: str
+
+
+class JoinTokenPage(msgspec.Struct):
+    items: list[JoinTokenOut]
+
+
+class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
+    hostname: Name
+    address: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[0-9A-Fa-f.:]*" + _END)] | None = None
+    gpus: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]], msgspec.Meta(max_length=64)] = []
+
+
+class Registration(msgspec.Struct):
+    instance_id: uuid.UUID
+    env: dict[str, str]
+    """`WORKER_AGENT_*` settings for the agent, including its credential (shown once)."""
+
+
+class MetricsPoint(msgspec.Struct):
+    at: datetime
+    gpus: list[Any]
+    vllm: dict[str, Any]
+    engine: dict[str, Any]
+
+
+class MetricsPage(msgspec.Struct):
+    items: list[MetricsPoint]
 
 
 class AgentInfoBody(msgspec.Struct):

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -114,9 +115,10 @@ async def _create(session: AsyncSession, command: CreateInstance, events: list[E
     progress, phase = WEIGHTS[Step.REQUEST_CREATED]
     message = f"{p.instance_type} on {p.provider} requested for {p.model}"
     inserted = (await session.execute(
-        text("WITH inst AS (INSERT INTO instances (id, provider, zone, instance_type, model, labels,"
-             " created_by_command, progress, phase) VALUES (:id, :provider, :zone, :type, :model,"
-             " CAST(:labels AS jsonb), :cmd, :progress, :phase) ON CONFLICT (id) DO NOTHING RETURNING id),"
+        text("WITH inst AS (INSERT INTO instances (id, provider, zone, instance_type, model, model_spec,"
+             " labels, created_by_command, progress, phase) VALUES (:id, :provider, :zone, :type, :model,"
+             " CAST(:spec AS jsonb), CAST(:labels AS jsonb), :cmd, :progress, :phase)"
+             " ON CONFLICT (id) DO NOTHING RETURNING id),"
              " history AS (INSERT INTO instance_state_history (instance_id, from_status, to_status,"
              " transition, reason, actor) SELECT id, NULL, 'provisioning', 'create',"
              " 'Instance requested', :actor FROM inst),"
@@ -125,7 +127,8 @@ async def _create(session: AsyncSession, command: CreateInstance, events: list[E
              " jsonb_build_object('message', CAST(:message AS text)) FROM inst)"
              " SELECT id, pg_notify(:channel, id::text) FROM inst"),
         {"id": instance_id, "provider": p.provider, "zone": p.zone, "type": p.instance_type,
-         "model": p.model, "labels": json.dumps(p.labels), "cmd": command.id, "progress": progress,
+         "model": p.model, "spec": msgspec.json.encode(p.model_spec).decode(),
+         "labels": json.dumps(p.labels), "cmd": command.id, "progress": progress,
          "phase": phase, "actor": f"command:{command.id}", "step": Step.REQUEST_CREATED.value,
          "message": message, "channel": WORK_CHANNEL},
     )).first()

@@ -34,10 +34,27 @@ Labels = Annotated[dict[LabelKey, LabelValue], msgspec.Meta(max_length=64)]
 Reason = Annotated[str, msgspec.Meta(max_length=1000, pattern=r"^[^\x00]*" + _END)]
 
 
+EngineArg = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f]*" + _END)]
+
+
+class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """How vLLM serves the model (each field maps to one `vllm serve` flag)."""
+
+    revision: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*" + _END,
+                                          description="Branch, tag or commit (--revision)")] | None = None
+    tensor_parallel_size: Annotated[int, msgspec.Meta(ge=1, le=64, description="GPUs per replica (-tp)")] = 1
+    gpu_memory_utilization: Annotated[float, msgspec.Meta(gt=0, le=1, description="--gpu-memory-utilization")] | None = None
+    max_model_len: Annotated[int, msgspec.Meta(ge=1, le=10_000_000, description="--max-model-len")] | None = None
+    served_model_name: Name | None = None
+    """Name clients use (--served-model-name); default: the model id."""
+    extra_args: Annotated[list[EngineArg], msgspec.Meta(max_length=64, description="Further `vllm serve` arguments, one per item")] = []
+
+
 class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):
     provider: Provider
     instance_type: Name
     model: Model
+    model_spec: ModelSpec = msgspec.field(default_factory=ModelSpec)
     zone: Name | None = None
     labels: Labels = {}
     instance_id: uuid.UUID | None = None

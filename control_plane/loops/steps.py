@@ -29,6 +29,7 @@ from adapters.base import (
     TemporaryProviderError,
     Volume,
 )
+from control_plane.agents import agent_env, enqueue_command
 from control_plane.lifecycle import transitions as t
 from control_plane.lifecycle.actions import complete_step, finish_action, start_action
 from control_plane.lifecycle.progress import Step
@@ -94,13 +95,7 @@ class Steps:
         spec = MachineSpec(
             instance_id=str(row.id), instance_type=row.instance_type, zone=row.zone,
             model=row.model, tags=self._tags(row.id),
-            agent_env={
-                "WORKER_AGENT_CONTROL_PLANE_URL": self._s.agent_url,
-                "WORKER_AGENT_TOKEN": token,
-                "WORKER_AGENT_INSTANCE_ID": str(row.id),
-                "WORKER_AGENT_MODEL": row.model,
-                "WORKER_AGENT_HEARTBEAT_SECONDS": str(self._s.agent_heartbeat_seconds),
-            },
+            agent_env=agent_env(self._s, row.id, token, row.model, row.model_spec),
         )
         if row.agent_token_hash is None:  # before create: some providers boot the machine at once
             async with self._sessions.begin() as session:
@@ -155,6 +150,11 @@ class Steps:
                                     message="Agent started with the machine")
             return NOW
         if Step.HEALTH_CHECK_PASSED in done:
+            if row.agent_integrity == "mismatch":
+                return await self._move(t.to_startup_failed, row, Status.BOOTING,
+                                        reason=f"Agent integrity check failed: {row.agent_integrity_detail}")
+            if row.agent_integrity != "verified":
+                return Next(2.0)  # its first heartbeat (which wakes us) says what runs there
             async with self._sessions.begin() as session:
                 await self._owned(session, row)
                 await complete_step(session, row.id, Step.READY, message="Ready")
@@ -168,18 +168,27 @@ class Steps:
             return await self._move(t.to_terminating, row, Status.READY,
                                     reason=row.desired_reason or "Termination requested")
         if row.desired_state == "drained":
-            return await self._move(t.ready_to_draining, row, reason=row.desired_reason or "Drain requested")
+            reason = row.desired_reason or "Drain requested"
+            async with self._sessions.begin() as session:
+                if not await t.ready_to_draining(session, row.id, lease=row.lock_token, reason=reason):
+                    raise LostLease
+                await enqueue_command(session, row.id, "drain", reason=reason)
+            return NOW
         return Next(300.0)  # commands wake it at once; health checks come with the health loop
 
     async def _draining(self, row: Any) -> Next:
         if row.desired_state == "terminated":
             return await self._move(t.to_terminating, row, Status.DRAINING,
                                     reason=row.desired_reason or "Termination requested")
-        running = ((row.last_metrics or {}).get("vllm") or {}).get("num_requests_running")
-        fresh = row.last_heartbeat_at and row.last_heartbeat_at > row.status_changed_at
-        if fresh and running == 0:
+        drained = await self._acked(row.id, "drain", since=row.status_changed_at)
+        if drained is not None:
             return await self._move(t.to_terminating, row, Status.DRAINING,
-                                    reason="Drained: no request in flight")
+                                    reason=f"Drained by the agent ({drained})")
+        vllm = (row.last_metrics or {}).get("vllm") or {}
+        fresh = row.last_heartbeat_at and row.last_heartbeat_at > row.status_changed_at
+        if fresh and vllm.get("num_requests_running") == 0 and vllm.get("num_requests_waiting") == 0:
+            return await self._move(t.to_terminating, row, Status.DRAINING,
+                                    reason="Drained: no request in flight or waiting")
         waited = (datetime.now(UTC) - row.status_changed_at).total_seconds()
         if waited > self._s.drain_timeout_seconds:
             return await self._move(t.to_terminating, row, Status.DRAINING,
@@ -205,6 +214,8 @@ class Steps:
                         {"p": found[0].provider_instance_id, "id": row.id})
                 return NOW
         elif "PROVIDER_TERMINATE" not in done:
+            if not adapter.owns_machines and not await self._agent_stopped(row):
+                return Next(2.0)  # the acknowledgement wakes us
             volumes = await self._call(row, adapter.list_volumes(pid))  # discover again
             async with self._sessions.begin() as session:
                 await self._owned(session, row)
@@ -232,10 +243,36 @@ class Steps:
                 text("UPDATE instance_volumes SET status = 'kept' WHERE instance_id = :id"
                      " AND NOT delete_on_terminate AND status IN ('attached', 'detached')"),
                 {"id": row.id})
+            await session.execute(text("UPDATE instances SET credential_revoked_at = now()"
+                                       " WHERE id = :id AND credential_revoked_at IS NULL"), {"id": row.id})
             await t.terminating_to_terminated(session, row.id, lease=row.lock_token)
         return NOW
 
     # --- helpers ------------------------------------------------------------------------
+
+    async def _agent_stopped(self, row: Any) -> bool:
+        """On a machine we do not own (on-prem), the agent must stop its engine before we
+        let go: send `stop` once, then wait for the acknowledgement, at most
+        `agent_stop_timeout_seconds` (an unreachable host must not block termination)."""
+        if await self._acked(row.id, "stop", since=row.status_changed_at) is not None:
+            return True
+        waited = (datetime.now(UTC) - row.status_changed_at).total_seconds()
+        if waited > self._s.agent_stop_timeout_seconds:
+            log.warning("Agent did not confirm stop; releasing the host anyway",
+                        instance_id=str(row.id), waited_seconds=round(waited))
+            return True
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            await enqueue_command(session, row.id, "stop", reason="Instance terminating")
+        return False
+
+    async def _acked(self, instance_id: uuid.UUID, kind: str, since: datetime) -> str | None:
+        """The outcome of the agent's acknowledgement of `kind` sent after `since`, if any."""
+        async with self._sessions() as session:
+            return (await session.execute(
+                text("SELECT outcome FROM agent_commands WHERE instance_id = :i AND kind = :k"
+                     " AND created_at >= :since AND acked_at IS NOT NULL ORDER BY acked_at DESC LIMIT 1"),
+                {"i": instance_id, "k": kind, "since": since})).scalar_one_or_none()
 
     def _tags(self, instance_id: uuid.UUID) -> dict[str, str]:
         return {TAG_CLUSTER: self._s.cluster_name, TAG_INSTANCE: str(instance_id)}

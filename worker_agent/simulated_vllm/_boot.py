@@ -1,7 +1,9 @@
 """The simulated vLLM's startup log: real vLLM message texts, in vLLM's line format.
 
 Messages and their order come from the recorded startups in ``shared/fixtures/vllm``
-(v0.9 to v0.25); the failure is the KV-cache-memory error of the failing v0.25 startup.
+(v0.9 to v0.25); the failure is the KV-cache-memory error of the failing v0.25 startup. The
+crash after ready uses the messages vLLM V1 prints when its engine core dies
+(``EngineDeadError``); no recorded log of one was found, so its traceback is abridged.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 import time
 from typing import TextIO
 
-FAILURES = ("kv_cache",)
+FAILURES = ("kv_cache", "crash", "hang")
 
 _ROUTES = (
     ("/health", "GET"),
@@ -72,6 +74,8 @@ def run_boot(
     fail: str | None,
     version: str,
     stop: threading.Event,
+    tensor_parallel_size: int = 1,
+    max_model_len: int = 4096,
 ) -> str:
     """Print the startup log over ``boot_seconds``; return ``ok``, ``failed`` or ``stopped``.
 
@@ -89,14 +93,15 @@ def run_boot(
         f"non-default args: {{'model_tag': {model!r}, 'host': {host!r}, 'port': {port}, "
         f"'model': {model!r}, 'served_model_name': [{served_name!r}]}}",
     )
-    log.log(api, "model.py:1678", "Using max model len 4096")
+    log.log(api, "model.py:1678", f"Using max model len {max_model_len}")
     if not pause(0.10):
         return "stopped"
     log.log(
         core,
         "core.py:105",
         f"Initializing a V1 LLM engine (v{version}) with config: model={model!r}, "
-        f"tokenizer={model!r}, dtype=torch.float16, max_seq_len=4096, tensor_parallel_size=1, "
+        f"tokenizer={model!r}, dtype=torch.float16, max_seq_len={max_model_len}, "
+        f"tensor_parallel_size={tensor_parallel_size}, "
         f"served_model_name={served_name}, enable_prefix_caching=True",
     )
     if not pause(0.05):
@@ -164,6 +169,35 @@ def print_server_started(log: BootLog, host: str, port: int) -> None:
     log.raw(f"{prefix}Started server process [{os.getpid()}]")
     log.raw(f"{prefix}Waiting for application startup.")
     log.raw(f"{prefix}Application startup complete.")
+
+
+def print_crash(log: BootLog) -> None:
+    """Print what vLLM prints when its engine core dies while serving."""
+    core, api, pid = "EngineCore", "APIServer", os.getpid()
+    log.log(core, "core.py:710", "EngineCore encountered a fatal error.", level="ERROR")
+    for line in (
+        "Traceback (most recent call last):",
+        f'  File "{_CORE}", line 701, in run_engine_core',
+        "    engine_core.run_busy_loop()",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    ):
+        log.log(core, "core.py:710", line, level="ERROR")
+    log.log(
+        api,
+        "core_client.py:564",
+        "Engine core proc EngineCore died unexpectedly, shutting down client.",
+        level="ERROR",
+    )
+    log.log(api, "async_llm.py:480", "AsyncLLM output_handler failed.", level="ERROR")
+    log.log(
+        api,
+        "async_llm.py:480",
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue. "
+        "See stack trace (above) for the root cause.",
+        level="ERROR",
+    )
+    log.log(api, "launcher.py:79", "Shutting down FastAPI HTTP server.")
+    log.raw(f"({api} pid={pid}) INFO:     Application shutdown complete.")
 
 
 def _shards_line(done: int, since: float) -> str:

@@ -1,9 +1,12 @@
 """The simulated vLLM's "engine": a scheduler with vLLM's counters, and no model.
 
 Requests wait for one of ``MAX_NUM_SEQS`` slots (``num_requests_waiting``), then produce one
-canned token every ``TOKEN_SECONDS`` while running (``num_requests_running``), holding their
+canned token every ``token_seconds`` while running (``num_requests_running``), holding their
 tokens in a KV cache of ``KV_CACHE_TOKENS`` (``kv_cache_usage_perc``). Counters and histograms
 only grow, like vLLM's, and ``metrics_text`` renders them in vLLM's Prometheus format.
+
+``hang()`` freezes the scheduler as a wedged GPU would: new requests wait forever, running
+ones produce no more tokens, and the counters stay flat.
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ class Generation:
         """Yield the answer's tokens (`` word``), at most ``max_tokens`` of them."""
         limit = len(ANSWER) if self.max_tokens is None else min(self.max_tokens, len(ANSWER))
         for index in range(limit):
-            time.sleep(TOKEN_SECONDS)
+            time.sleep(self.engine.token_seconds)
+            self.engine._unfrozen.wait()
             self.completion_tokens += 1
             self.engine._add_generated(first_token_after=None if index else self.started)
             yield ANSWER[index] if index == 0 else " " + ANSWER[index]
@@ -65,9 +69,12 @@ class _Histogram:
 class SimulatedEngine:
     """Scheduler and counters shared by the HTTP handler threads (all access under a lock)."""
 
-    def __init__(self, served_name: str) -> None:
+    def __init__(self, served_name: str, token_seconds: float = TOKEN_SECONDS) -> None:
         self.served_name = served_name
-        self._lock = threading.Lock()
+        self.token_seconds = token_seconds
+        self._lock = threading.Condition()
+        self._unfrozen = threading.Event()
+        self._unfrozen.set()
         self._slots = threading.Semaphore(MAX_NUM_SEQS)
         self._running = 0
         self._waiting = 0
@@ -84,6 +91,7 @@ class SimulatedEngine:
         started = time.monotonic()
         with self._lock:
             self._waiting += 1
+        self._unfrozen.wait()
         self._slots.acquire()
         with self._lock:
             self._waiting -= 1
@@ -99,7 +107,20 @@ class SimulatedEngine:
                 self._kv_tokens -= prompt_tokens + generation.completion_tokens
                 self._success[generation.finish_reason or "abort"] += 1
                 self._e2e.observe(time.monotonic() - started)
+                self._lock.notify_all()
             self._slots.release()
+
+    def hang(self) -> None:
+        """Freeze: no request gets a slot or a token from now on; ``/metrics`` still answers."""
+        self._unfrozen.clear()
+
+    def wait_idle(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for no request to be running or waiting; ``True`` if so."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.in_flight() == 0, seconds)
+
+    def in_flight(self) -> int:
+        return self._running + self._waiting
 
     def _add_generated(self, first_token_after: float | None) -> None:
         with self._lock:
