@@ -40,6 +40,11 @@ ONPREM = "onprem"
 class JoinRefused(Exception):
     """The join token is unknown, spent, expired or revoked (one message for all: no oracle)."""
 
+    MESSAGE = "join token unknown, already used, expired or revoked"
+
+    def __init__(self) -> None:
+        super().__init__(self.MESSAGE)
+
 
 async def create_join_token(sessions: async_sessionmaker[AsyncSession], body: JoinTokenBody,
                             base_url: str) -> JoinTokenCreated:
@@ -73,6 +78,12 @@ async def revoke_join_token(sessions: async_sessionmaker[AsyncSession], token_id
                  " AND used_at IS NULL RETURNING id"), {"id": token_id})).first() is not None
 
 
+async def join_token_usable(session: AsyncSession, join_token: str) -> bool:
+    return (await session.execute(
+        text("SELECT 1 FROM join_tokens WHERE token_hash = :h AND used_at IS NULL"
+             " AND revoked_at IS NULL AND expires_at > now()"), {"h": digest(join_token)})).first() is not None
+
+
 async def register(sessions: async_sessionmaker[AsyncSession], settings: Settings,
                    secret: bytes, join_token: str, body: RegisterBody) -> Registration:
     """Spend `join_token` and create the host's instance; raises `JoinRefused`."""
@@ -85,7 +96,7 @@ async def register(sessions: async_sessionmaker[AsyncSession], settings: Setting
                  " RETURNING id, name, instance_type, model, model_spec, labels"),
             {"i": instance_id, "h": digest(join_token)})).one_or_none()
         if spent is None:
-            raise JoinRefused("join token unknown, already used, expired or revoked")
+            raise JoinRefused
         await session.execute(
             text("INSERT INTO instances (id, provider, instance_type, model, model_spec, labels,"
                  " status, provider_instance_id, ip, agent_token_hash, created_by_command, boot_deadline_at)"

@@ -1,17 +1,25 @@
-"""The agent's main loop: boot the engine and report it, then heartbeat and supervise.
+"""The agent's main loop: boot the engine and report it, heartbeat, supervise, drain.
 
 What it guarantees:
 
+- Heartbeats from the agent's start to its stop, whatever the engine does (booting, failed,
+  drained): one every ``heartbeat_seconds`` and one at once on any engine state change.
 - Boot phases go to the control plane once each and in order (``reporting``): a phase seen
   before its predecessors (HTTP answering before the log said so) brings them along.
-- A boot that fails (the engine exits, its log says it failed, or the boot timeout passes)
-  is reported as ``failed`` with the reason and the last relevant log line; the engine is
-  stopped and not restarted (such failures repeat), and the agent stays up, ``/info`` saying
-  ``failed``, until it is stopped.
-- Once ready: a heartbeat every ``heartbeat_seconds`` and at once on any engine state change;
-  a crashed engine is restarted with backoff, at most ``MAX_RESTARTS`` times.
-- On stop: the engine gets SIGTERM (SIGKILL after ``STOP_TIMEOUT_SECONDS``), pending
-  progress gets a few seconds to leave, ``/info`` closes, and ``run`` returns 0.
+- A first boot that fails (the engine exits, its log says it failed, or the boot timeout
+  passes) is reported as ``failed`` with the reason and the last relevant log line; the
+  engine is stopped and not restarted (such failures repeat); the agent stays up, state
+  ``failed``, until it is stopped or ``restart_engine`` is called.
+- Once ready, the engine is watched (``supervision``): its exit is a crash, a stall or an
+  unanswered probe a hang. Either is reported (``engine_crashed``, ``engine_hung``), a hung
+  engine is stopped, and a new one is started with backoff (``engine_restarted``); after
+  ``max_restarts`` automatic restarts the agent gives up (``engine_gave_up``, state
+  ``failed``).
+- An engine stopped on purpose (``drain``, ``restart_engine``, the agent's stop) is never
+  restarted by the supervision.
+- Events go out in order, in the background: a slow control plane never delays a restart.
+- On stop: the engine gets SIGTERM (SIGKILL after vLLM's shutdown timeout and a margin),
+  pending progress and events get a few seconds to leave, ``/info`` closes, ``run`` returns 0.
 """
 
 from __future__ import annotations
@@ -20,43 +28,50 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-
-import httpx
 
 from worker_agent import AGENT_BUILD_DATE, AGENT_VERSION
 from worker_agent.config import AgentConfig
-from worker_agent.engine import EngineHTTP, EngineProcess, engine_command, engine_env
-from worker_agent.engine_log import Phase, failure_summary
+from worker_agent.engine import EngineHTTP, EngineProcess, engine_launch
+from worker_agent.engine_log import failure_summary
 from worker_agent.info_server import InfoServer
 from worker_agent.integrity import code_checksum
 from worker_agent.metrics import gpu_metrics
 from worker_agent.reporting import FAILED, ControlPlaneClient, ProgressReporter
+from worker_agent.supervision import restart_delay, watch_boot, watch_for_hang
 
 log = logging.getLogger("worker_agent")
 
-PROBE_SECONDS = 0.25
-FAILURE_GRACE_SECONDS = 10.0
-STOP_TIMEOUT_SECONDS = 30.0
+STOP_MARGIN_SECONDS = 15.0
+"""Beyond vLLM's ``--shutdown-timeout``, for its own teardown, before SIGKILL."""
 FLUSH_SECONDS = 3.0
 MAX_RESTARTS = 5
-RESTART_CAP_SECONDS = 30.0
 GPU_METRICS_TIMEOUT_SECONDS = 5.0
+DRAIN_POLL_SECONDS = 0.2
+EXIT_OUTPUT_SECONDS = 2.0
 
-Report = Callable[[str, str], None]
-"""Where boot phases go: ``(phase, message)``."""
+STATES = (
+    "starting", "booting", "running", "crashed", "hung", "restarting", "draining", "drained",
+    "failed", "stopped",
+)  # fmt: skip
+"""Engine states in ``/info`` and heartbeats."""
 
-_LOG_PHASES = ((Phase.ENGINE_STARTED, "engine_started"), (Phase.MODEL_LOADED, "model_loaded"))
 
-
-def restart_delay(restarts: int) -> float:
-    """Wait before restart number ``restarts + 1``: 0.5 s, 1 s, 2 s, ... capped at 30 s."""
-    return min(RESTART_CAP_SECONDS, 0.5 * 2**restarts)
+@dataclass(frozen=True)
+class _Problem:
+    kind: str  # engine_crashed | engine_hung
+    message: str
+    data: dict
 
 
 class Agent:
-    """One agent process: owns the engine, the ``/info`` server and the control plane client."""
+    """One agent process: owns the engine, the ``/info`` server and the control plane client.
+
+    ``drain`` and ``restart_engine`` are for the control plane's commands; they may be called
+    from any task of the agent's event loop while ``run`` runs.
+    """
 
     def __init__(
         self,
@@ -64,18 +79,33 @@ class Agent:
         *,
         control_plane: ControlPlaneClient | None = None,
         environ: Mapping[str, str] = os.environ,
+        max_restarts: int = MAX_RESTARTS,
+        backoff: Callable[[int], float] = restart_delay,
     ) -> None:
         self.config = config
         self.checksum = code_checksum()
         self.state = "starting"
-        """``starting``, ``running``, ``crashed``, ``restarting``, ``failed`` or ``stopped``."""
+        """One of ``STATES``."""
         self.restarts = 0
+        """Automatic restarts so far."""
         self.engine: EngineProcess | None = None
         self._environ = environ
+        self._max_restarts = max_restarts
+        self._backoff = backoff
         self._cp = control_plane or ControlPlaneClient(config.control_plane_url, config.token)
         self._reporter = ProgressReporter(self._cp)
+        self._events: asyncio.Queue[tuple[str, str, dict]] = asyncio.Queue()
         self._http = EngineHTTP(config.engine_port)
         self._state_changed = asyncio.Event()
+        self._engine_ready = asyncio.Event()
+        self._lock = asyncio.Lock()  # one engine start or stop at a time
+        self._job: asyncio.Task[None] | None = None  # a boot or a recovery in progress
+        self._wanted = True  # False after a drain: no engine should run
+
+    @property
+    def stop_grace(self) -> float:
+        """How long a stopping engine gets before SIGKILL."""
+        return self.config.shutdown_timeout_seconds + STOP_MARGIN_SECONDS
 
     def info(self) -> dict:
         """The ``/info`` document (called from the server thread: plain reads only)."""
@@ -100,7 +130,10 @@ class Agent:
             "Agent %s started (checksum %s), instance %s, /info on %s:%s",
             AGENT_VERSION, self.checksum, self.config.instance_id, self.config.host, info.port,
         )  # fmt: skip
-        reporter = asyncio.create_task(self._reporter.run(), name="progress")
+        senders = [
+            asyncio.create_task(self._reporter.run(), name="progress"),
+            asyncio.create_task(self._send_events(), name="events"),
+        ]
         main = asyncio.create_task(self._main(), name="main")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         code = 0
@@ -109,96 +142,235 @@ class Agent:
             if main.done() and not main.cancelled() and main.exception():
                 log.error("Agent failed", exc_info=main.exception())
                 code = 1
-            else:
-                await stopping  # after a failed boot the agent stays up until stopped
         finally:
             log.info("Agent stopping")
             for task in (main, stopping):
                 task.cancel()
             await asyncio.gather(main, stopping, return_exceptions=True)
+            await self._cancel_job()
             if self.engine is not None:
-                await self.engine.stop(STOP_TIMEOUT_SECONDS)
-            self.state = "stopped"
+                await self.engine.stop(self.stop_grace)
+            self._set_state("stopped")
             if not await self._reporter.flush(FLUSH_SECONDS):
                 log.warning("Undelivered progress dropped at stop")
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._events.join(), FLUSH_SECONDS)
+            for task in senders:
+                task.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
             await self._http.aclose()
             await self._cp.aclose()
             await asyncio.to_thread(info.close)
             log.info("Agent stopped")
         return code
 
+    async def drain(self, timeout: float | None = None) -> str:
+        """Let the engine finish its requests, stop it, report ``drained``; return a summary.
+
+        Routing no new requests here is the control plane's job, done before this call. The
+        agent polls vLLM's ``/metrics`` until ``num_requests_running + num_requests_waiting``
+        is 0 or ``timeout`` seconds (default ``drain_timeout_seconds``) have passed, then
+        sends SIGTERM: vLLM finishes what is still in flight within ``--shutdown-timeout``.
+        A boot or restart in progress is abandoned. The engine then stays stopped (state
+        ``drained``, no automatic restart) until ``restart_engine``.
+        """
+        bound = self.config.drain_timeout_seconds if timeout is None else timeout
+        self._wanted = False
+        await self._cancel_job()
+        async with self._lock:
+            engine = self.engine
+            data: dict = {"timeout_seconds": bound}
+            if engine is None or not engine.alive:
+                summary = "Drained: no engine was running"
+            else:
+                serving = self.state == "running"
+                self._set_state("draining")
+                started = asyncio.get_running_loop().time()
+                at_start, left = await self._wait_idle(engine, bound) if serving else (0, 0)
+                waited = asyncio.get_running_loop().time() - started
+                code = await engine.stop(self.stop_grace)
+                data |= {"in_flight_at_start": at_start, "in_flight_at_stop": left,
+                         "waited_seconds": round(waited, 3), "exit_code": code}  # fmt: skip
+                summary = _drain_summary(at_start, left, waited, bound, code, self.config)
+            self._set_state("drained")
+            self._event("drained", summary, data)
+            return summary
+
+    async def restart_engine(self) -> str:
+        """Restart the engine on request; report it; return a summary.
+
+        The running engine (if any) gets SIGTERM (it finishes in-flight requests within
+        ``--shutdown-timeout``), then a new one boots. Works from any state, including
+        ``drained`` and ``failed``; a boot or automatic restart in progress is abandoned.
+        Reports ``engine_restarted``, or ``engine_gave_up`` when the new engine fails its
+        boot (not retried: boot failures repeat).
+        """
+        self._wanted = True
+        await self._cancel_job()
+        async with self._lock:
+            old = self.engine
+            self._set_state("restarting")
+            if old is not None and old.alive:
+                await old.stop(self.stop_grace)
+            reason = await self._start_engine(report=_ignore)
+            if reason is not None:
+                summary = f"Engine restart requested by the operator failed: {reason}"
+                self._set_state("failed")
+                self._event("engine_gave_up", summary, {"requested": True})
+                return summary
+            summary = f"Engine restarted on request (pid {self.engine.pid})"
+            self._set_state("running")
+            self._engine_ready.set()
+            self._event("engine_restarted", summary, {"requested": True, "pid": self.engine.pid})
+            return summary
+
     async def _main(self) -> None:
-        reason = await self._start_engine(report=self._reporter.reach)
-        if reason is not None:
-            log.error("Engine boot failed: %s", reason)
-            self._reporter.reach(FAILED, reason)
-            self._set_state("failed")
-            return
-        self._set_state("running")
         async with asyncio.TaskGroup() as group:
             group.create_task(self._heartbeats(), name="heartbeats")
             group.create_task(self._supervise(), name="supervise")
 
-    async def _start_engine(self, report: Report) -> str | None:
+    async def _first_boot(self) -> None:
+        async with self._lock:
+            self._set_state("booting")
+            reason = await self._start_engine(report=self._reporter.reach)
+            if reason is not None:
+                log.error("Engine boot failed: %s", reason)
+                self._reporter.reach(FAILED, reason)
+                self._set_state("failed")
+                return
+            self._set_state("running")
+            self._engine_ready.set()
+
+    async def _start_engine(self, report: Callable[[str, str], None]) -> str | None:
         """Start a new engine and watch it boot; ``None`` once ready, else why it failed."""
-        simulated = self.config.engine == "simulated"
-        self.engine = EngineProcess(
-            engine_command(self.config), engine_env(self._environ, simulated=simulated)
-        )
+        launch = engine_launch(self.config, self._environ, stop_grace=self.stop_grace)
+        self.engine = engine = EngineProcess.from_launch(launch)
         try:
-            await self.engine.start()
+            await engine.start()
         except OSError as exc:
             return f"engine could not be started: {exc}"
-        reason = await self._watch_boot(self.engine, report)
+        reason = await watch_boot(
+            engine,
+            self._http,
+            self.config.served_model_name,
+            report,
+            self.config.boot_timeout_seconds,
+        )
         if reason is not None:
-            await self.engine.stop(STOP_TIMEOUT_SECONDS)
+            await engine.stop(self.stop_grace)
         return reason
 
-    async def _watch_boot(self, engine: EngineProcess, report: Report) -> str | None:
-        loop = asyncio.get_running_loop()
-        timeout = self.config.boot_timeout_seconds
-        deadline = loop.time() + timeout
-        readiness = _Readiness(self._http, self.config.served_model_name, report)
-        while True:
-            for log_phase, phase in _LOG_PHASES:
-                if log_phase in engine.phases:
-                    report(phase, engine.phases[log_phase])
-            if engine.failures or not engine.alive:
-                await engine.wait_closed(FAILURE_GRACE_SECONDS)  # read the rest of the traceback
-                return _boot_failure(engine)
-            if await readiness.check():
-                return None
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return (
-                    f"boot timed out after {timeout:g}s ({readiness.problem}); "
-                    f"last log line: {engine.last_line}"
-                )
-            await engine.wait_change(min(PROBE_SECONDS, remaining))
-
     async def _supervise(self) -> None:
+        """Boot, then watch each engine that became ready and recover it when it crashed or
+        hung. Boot and recovery run as jobs that ``drain`` and ``restart_engine`` cancel."""
+        await self._run_job(self._first_boot(), "boot")
         while True:
+            await self._engine_ready.wait()
+            self._engine_ready.clear()
             engine = self.engine
-            code = await engine.wait() if engine and engine.pid else None
-            if self.state == "running":
-                log.error(
-                    "Engine crashed (exit code %s); last log line: %s", code, engine.last_line
-                )
-            self._set_state("crashed")
-            if self.restarts >= MAX_RESTARTS:
-                log.error("Engine crashed after %d restarts: not restarting", self.restarts)
-                return
-            await asyncio.sleep(restart_delay(self.restarts))
-            self.restarts += 1
-            self._set_state("restarting")
-            reason = await self._start_engine(report=_ignore)
-            if reason is None:
-                log.info("Engine restarted (restart %d of at most %d)", self.restarts, MAX_RESTARTS)
-                self._set_state("running")
-            else:
-                log.error("Engine restart %d failed: %s", self.restarts, reason)
+            problem = await self._watch(engine)
+            if problem is not None:
+                await self._run_job(self._recover(engine, problem), "recover")
+
+    async def _run_job(self, coro: Coroutine[object, object, None], name: str) -> None:
+        """Run ``coro`` as the current job; return when it ends, even cancelled; its bugs
+        propagate (the agent then exits with code 1)."""
+        self._job = job = asyncio.create_task(coro, name=name)
+        await asyncio.wait({job})
+        if not job.cancelled() and job.exception() is not None:
+            raise job.exception()
+
+    async def _watch(self, engine: EngineProcess) -> _Problem | None:
+        """Wait until ``engine`` exits or hangs; ``None`` if it was stopped on purpose."""
+        exited = asyncio.create_task(engine.wait())
+        hung = asyncio.create_task(
+            watch_for_hang(
+                self._http,
+                self.config.served_model_name,
+                stall_seconds=self.config.stall_seconds,
+                probe_interval_seconds=self.config.probe_interval_seconds,
+                probe_timeout_seconds=self.config.probe_timeout_seconds,
+                paused=lambda: self.state == "draining",
+            )
+        )
+        try:
+            done, _ = await asyncio.wait({exited, hung}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (exited, hung):
+                task.cancel()
+            await asyncio.gather(exited, hung, return_exceptions=True)
+        if engine.stop_requested:
+            return None
+        data = {"pid": engine.pid, "restarts": self.restarts}
+        if exited in done:
+            await engine.wait_closed(EXIT_OUTPUT_SECONDS)  # the last lines explain the exit
+            code = engine.returncode
+            detail = failure_summary(engine.failures) or f"last log line: {engine.last_line}"
+            data |= {"exit_code": code, "last_line": engine.last_line}
+            return _Problem("engine_crashed", f"Engine exited with code {code}: {detail}", data)
+        reason = hung.result()
+        return _Problem("engine_hung", f"Engine hung: {reason}", data | {"reason": reason})
+
+    async def _recover(self, engine: EngineProcess, problem: _Problem) -> None:
+        """Report ``problem``, stop the engine, restart with backoff (or give up)."""
+        async with self._lock:
+            if engine is not self.engine or engine.stop_requested or not self._wanted:
+                return  # a drain or an operator restart got there first
+            log.error("%s", problem.message)
+            self._event(problem.kind, problem.message, problem.data)
+            self._set_state("crashed" if problem.kind == "engine_crashed" else "hung")
+            await engine.stop(self.stop_grace)
+            while True:
+                if self.restarts >= self._max_restarts:
+                    message = f"Engine not restarted: {self.restarts} restarts already"
+                    log.error("%s", message)
+                    self._set_state("failed")
+                    self._event("engine_gave_up", message, {"restarts": self.restarts})
+                    return
+                await asyncio.sleep(self._backoff(self.restarts))
+                self.restarts += 1
+                self._set_state("restarting")
+                reason = await self._start_engine(report=_ignore)
+                if reason is None:
+                    message = (
+                        f"Engine restarted (restart {self.restarts} of at most "
+                        f"{self._max_restarts}), pid {self.engine.pid}"
+                    )
+                    log.info("%s", message)
+                    self._set_state("running")
+                    self._engine_ready.set()
+                    self._event(
+                        "engine_restarted",
+                        message,
+                        {"restarts": self.restarts, "pid": self.engine.pid},
+                    )
+                    return
+                message = f"Engine restart {self.restarts} failed: {reason}"
+                log.error("%s", message)
+                self._event("engine_crashed", message, {"restarts": self.restarts})
+
+    async def _cancel_job(self) -> None:
+        job = self._job
+        if job is not None and not job.done():
+            job.cancel()
+            await asyncio.wait({job})
+
+    async def _wait_idle(self, engine: EngineProcess, bound: float) -> tuple[int, int]:
+        """Poll ``/metrics`` until nothing runs or waits, the engine exits, or ``bound``
+        passes; return the requests in flight at the start and at the end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + bound
+        first: int | None = None
+        while True:
+            sample = await self._http.metrics()
+            running = sample.get("num_requests_running")
+            waiting = sample.get("num_requests_waiting")
+            in_flight = None if running is None or waiting is None else int(running + waiting)
+            if first is None and in_flight is not None:
+                first = in_flight
+            if in_flight == 0 or not engine.alive or loop.time() >= deadline:
+                return first or 0, in_flight or 0
+            await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
 
     async def _heartbeats(self) -> None:
         while True:
@@ -208,14 +380,15 @@ class Agent:
                 await asyncio.wait_for(self._state_changed.wait(), self.config.heartbeat_seconds)
 
     async def _heartbeat(self) -> dict:
-        engine = self.engine
-        running = self.state == "running"
         try:
             gpus = await asyncio.wait_for(
                 asyncio.to_thread(gpu_metrics), GPU_METRICS_TIMEOUT_SECONDS
             )
         except TimeoutError:
             gpus = []
+        running = self.state == "running"
+        vllm = await self._http.metrics() if running else {}
+        engine = self.engine  # read after the awaits: the state may have moved meanwhile
         return {
             "agent_info": {
                 "version": AGENT_VERSION,
@@ -227,7 +400,7 @@ class Agent:
                 "pid": engine.pid if engine and engine.alive else None,
                 "restarts": self.restarts,
             },
-            "metrics": {"gpus": gpus, "vllm": await self._http.metrics() if running else {}},
+            "metrics": {"gpus": gpus, "vllm": vllm},
             "sent_at": datetime.now(UTC).isoformat(),
         }
 
@@ -237,48 +410,33 @@ class Agent:
         self.state = state
         self._state_changed.set()
 
+    def _event(self, kind: str, message: str, data: dict) -> None:
+        """Queue an event for the control plane (sent in order by ``_send_events``)."""
+        log.info("Event %s: %s", kind, message)
+        self._events.put_nowait((kind, message, data))
 
-class _Readiness:
-    """The HTTP side of a boot: ``/health`` 200, one warmup completion, the model listed."""
-
-    def __init__(self, http: EngineHTTP, model: str, report: Report) -> None:
-        self._http = http
-        self._model = model
-        self._report = report
-        self._warmed = False
-        self.problem = "the engine's HTTP server did not answer"
-        """Why the engine is not ready yet, for the timeout message."""
-
-    async def check(self) -> bool:
-        """Probe once; report ``warmup_done`` and ``health_check_passed`` as they happen."""
-        if not await self._http.healthy():
-            return False
-        if not self._warmed:
+    async def _send_events(self) -> None:
+        while True:
+            kind, message, data = await self._events.get()
             try:
-                seconds = await self._http.warmup(self._model)
-            except (httpx.HTTPError, ValueError) as exc:
-                self.problem = f"warmup completion failed: {exc}"
-                return False
-            self._warmed = True
-            self._report("warmup_done", f"one-token completion answered in {seconds:.2f}s")
-        try:
-            models = await self._http.served_models()
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            self.problem = f"/v1/models failed: {exc}"
-            return False
-        if self._model not in models:
-            self.problem = f"/v1/models lists {models}, not {self._model}"
-            return False
-        self._report("health_check_passed", f"/health is 200 and /v1/models lists {self._model}")
-        return True
+                if not await self._cp.send_event(kind, message, data):
+                    log.warning("Event %s not delivered", kind)
+            except Exception:  # an event is worth a log line, never the agent
+                log.exception("Event %s not sent", kind)
+            finally:
+                self._events.task_done()
 
 
-def _boot_failure(engine: EngineProcess) -> str:
-    if engine.failures:
-        return f"engine failed during startup: {failure_summary(engine.failures)}"
+def _drain_summary(
+    at_start: int, left: int, waited: float, bound: float, code: int | None, config: AgentConfig
+) -> str:
+    stopped = f"engine stopped (exit code {code})"
+    if left == 0:
+        return f"Drained in {waited:.1f}s: {at_start} requests in flight at the start; {stopped}"
     return (
-        f"engine exited with code {engine.returncode} during startup; "
-        f"last log line: {engine.last_line}"
+        f"Drain bound of {bound:g}s passed with {left} requests in flight (of {at_start}); "
+        f"SIGTERM let vLLM finish them within --shutdown-timeout "
+        f"{config.shutdown_timeout_seconds}s; {stopped}"
     )
 
 

@@ -294,9 +294,7 @@ class EngineProcess:
             log.warning("Cannot run %s: %s", " ".join(command), exc)
             return False
         try:
-            _, err = await asyncio.wait_for(
-                proc.communicate(), grace + DOCKER_STOP_MARGIN_SECONDS
-            )
+            _, err = await asyncio.wait_for(proc.communicate(), grace + DOCKER_STOP_MARGIN_SECONDS)
         except TimeoutError:
             proc.kill()
             await proc.wait()

@@ -8,15 +8,19 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
-VLLM_METRICS = (
+_SAMPLED = (
     "num_requests_running",
     "num_requests_waiting",
     "kv_cache_usage_perc",
     "prompt_tokens_total",
     "generation_tokens_total",
 )
-"""Keys of ``vllm_summary``; each is ``vllm:<key>`` in vLLM's exposition."""
+TTFT_METRICS = ("ttft_seconds_count", "ttft_seconds_sum", "ttft_seconds_p50", "ttft_seconds_p99")
+"""Summary of the histogram ``vllm:time_to_first_token_seconds``."""
+VLLM_METRICS = (*_SAMPLED, *TTFT_METRICS)
+"""Keys of ``vllm_summary``: ``vllm:<key>`` in vLLM's exposition, then ``TTFT_METRICS``."""
 
+_TTFT = "time_to_first_token_seconds"
 _AVERAGED = {"kv_cache_usage_perc"}
 _FALLBACKS = {"kv_cache_usage_perc": "gpu_cache_usage_perc"}  # name before vLLM V1
 
@@ -25,14 +29,24 @@ def vllm_summary(text: str) -> dict[str, float | None]:
     """Summarise vLLM's Prometheus text into the ``VLLM_METRICS`` keys.
 
     Values are summed across label sets (engines, models), except the KV-cache usage, a 0-1
-    ratio, which is averaged. A metric absent from ``text`` is ``None``.
+    ratio, which is averaged. The time-to-first-token histogram gives its count and sum and
+    its p50 and p99 estimated from the buckets (``histogram_quantile``), all label sets
+    together. A metric absent from ``text`` is ``None``; so are the percentiles of a
+    histogram without observations.
     """
     samples: dict[str, list[float]] = {}
-    for name, _labels, value in parse_samples(text):
-        if name.startswith("vllm:"):
-            samples.setdefault(name.removeprefix("vllm:"), []).append(value)
+    ttft_buckets: dict[float, float] = {}
+    for name, labels, value in parse_samples(text):
+        if not name.startswith("vllm:"):
+            continue
+        key = name.removeprefix("vllm:")
+        samples.setdefault(key, []).append(value)
+        if key == _TTFT + "_bucket":
+            bound = _bound(labels.get("le", ""))
+            if bound is not None:
+                ttft_buckets[bound] = ttft_buckets.get(bound, 0.0) + value
     summary: dict[str, float | None] = {}
-    for key in VLLM_METRICS:
+    for key in _SAMPLED:
         values = samples.get(key) or samples.get(_FALLBACKS.get(key, ""), [])
         if not values:
             summary[key] = None
@@ -40,7 +54,37 @@ def vllm_summary(text: str) -> dict[str, float | None]:
             summary[key] = sum(values) / len(values)
         else:
             summary[key] = sum(values)
+    for key, suffix in (("ttft_seconds_count", "_count"), ("ttft_seconds_sum", "_sum")):
+        values = samples.get(_TTFT + suffix)
+        summary[key] = sum(values) if values else None
+    summary["ttft_seconds_p50"] = histogram_quantile(0.5, ttft_buckets)
+    summary["ttft_seconds_p99"] = histogram_quantile(0.99, ttft_buckets)
     return summary
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Estimate the ``q`` quantile from cumulative bucket counts ``{upper bound: count}``.
+
+    Prometheus' ``histogram_quantile``: find the bucket holding rank ``q * total`` and
+    interpolate linearly inside it (from 0 for the first bucket); a rank in the ``+Inf``
+    bucket gives the highest finite bound. ``None`` without observations or a ``+Inf``
+    bucket (the total is unknown then).
+    """
+    total = buckets.get(float("inf"), 0.0)
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in sorted(buckets):
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            if count == below:
+                return bound
+            return lower + (bound - lower) * (rank - below) / (count - below)
+        lower, below = bound, count
+    return lower
 
 
 def parse_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
@@ -112,6 +156,13 @@ def _gpu(nvml, index: int) -> dict[str, object]:
         ),
         "power_watts": read(lambda: nvml.nvmlDeviceGetPowerUsage(handle) / 1000.0),
     }
+
+
+def _bound(le: str) -> float | None:
+    try:
+        return float(le)  # "+Inf" parses to inf
+    except ValueError:
+        return None
 
 
 def _text(value: object) -> object:

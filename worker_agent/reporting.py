@@ -1,6 +1,7 @@
 """Outbound calls to the control plane: boot progress (reliable, ordered) and heartbeats.
 
-Contract with the control plane (``Authorization: Bearer <token>`` on every call):
+Contract with the control plane (every call signed with the instance's token, see
+``signing``; the token itself never travels):
 
 - ``POST /v1/agent/progress`` ``{"phase", "message"}``. Each phase is delivered once, in
   ``BOOT_PHASES`` order (``failed`` may come at any point and ends the sequence). Network
@@ -9,16 +10,22 @@ Contract with the control plane (``Authorization: Bearer <token>`` on every call
   plane no longer wants that phase: it is dropped. Any other 4xx is a contract error: logged
   and dropped, since sending the same body again cannot succeed.
 - ``POST /v1/agent/heartbeat``: one attempt each; the next heartbeat supersedes a lost one.
+- ``POST /v1/agent/events`` (engine crashed, restarted, hung, drained...) and
+  ``POST /v1/agent/commands/{id}/ack``: retried a few times, then given up (logged).
+- ``GET /v1/agent/commands``: a Server-Sent Events stream of commands (``commands.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 
 import httpx
+
+from worker_agent.signing import sign
 
 log = logging.getLogger("worker_agent.reporting")
 
@@ -27,6 +34,7 @@ FAILED = "failed"
 RETRY_BASE_SECONDS = 0.5
 RETRY_CAP_SECONDS = 10.0
 AUTH_RETRY_SECONDS = 30.0
+SHORT_RETRIES = 4
 
 
 def plan_reports(reached: list[str], phase: str, message: str) -> list[tuple[str, str]]:
@@ -53,6 +61,23 @@ def backoff_delay(attempt: int, rng: Callable[[], float] = random.random) -> flo
     return ceiling / 2 + rng() * ceiling / 2
 
 
+class RequestSigner(httpx.Auth):
+    """Signs every request of a client (method, path with query, body) with the token."""
+
+    requires_request_body = True
+
+    def __init__(self, token: str, instance_id: str) -> None:
+        self._token = token
+        self._instance_id = instance_id
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        path = request.url.raw_path.decode()
+        request.headers.update(
+            sign(self._token, self._instance_id, request.method, path, request.content)
+        )
+        yield request
+
+
 class ControlPlaneClient:
     """HTTP client for the agent endpoints; never logs the token."""
 
@@ -60,6 +85,7 @@ class ControlPlaneClient:
         self,
         base_url: str,
         token: str,
+        instance_id: str,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -67,7 +93,7 @@ class ControlPlaneClient:
     ) -> None:
         self._client = httpx.AsyncClient(
             base_url=base_url,
-            headers={"Authorization": f"Bearer {token}"},
+            auth=RequestSigner(token, instance_id),
             timeout=httpx.Timeout(10.0),
             transport=transport,
         )
@@ -126,6 +152,69 @@ class ControlPlaneClient:
         elif not response.is_success:
             log.warning("Heartbeat refused: HTTP %s: %s", response.status_code, response.text[:300])
         return response.is_success
+
+
+    async def send_event(self, kind: str, message: str, data: dict | None = None) -> bool:
+        """Report a notable event (a few attempts); ``True`` once the control plane has it."""
+        body = {"kind": kind, "message": message[:4000], "data": data or {}}
+        return await self._post_briefly("/v1/agent/events", body, f"event {kind}")
+
+    async def ack_command(self, command_id: str, outcome: str, detail: str | None = None) -> bool:
+        """Acknowledge a command (``done``, ``failed`` or ``ignored``); idempotent server-side."""
+        body = {"outcome": outcome, "detail": detail[:4000] if detail else None}
+        return await self._post_briefly(f"/v1/agent/commands/{command_id}/ack", body,
+                                        f"ack of command {command_id}")
+
+    async def command_stream(self) -> AsyncIterator[dict]:
+        """Yield the commands of one ``GET /v1/agent/commands`` stream until it ends.
+
+        Raises ``httpx.HTTPError`` (including ``HTTPStatusError`` on a refusal); the caller
+        reconnects with backoff."""
+        timeout = httpx.Timeout(10.0, read=None)  # idle streams carry keep-alive comments only
+        async with self._client.stream("GET", "/v1/agent/commands", timeout=timeout) as response:
+            response.raise_for_status()
+            async for event, data in _server_sent_events(response.aiter_lines()):
+                if event == "command":
+                    try:
+                        yield json.loads(data)
+                    except ValueError:
+                        log.error("Unreadable command from the control plane: %r", data[:300])
+
+    async def _post_briefly(self, path: str, body: dict, what: str) -> bool:
+        for attempt in range(SHORT_RETRIES):
+            try:
+                response = await self._client.post(path, json=body)
+            except httpx.TransportError as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.is_success:
+                    return True
+                problem = f"HTTP {response.status_code}: {response.text[:300]}"
+                if response.status_code < 500 and response.status_code != 429:
+                    break  # the same body cannot succeed
+            if attempt + 1 < SHORT_RETRIES:
+                await self._sleep(backoff_delay(attempt, self._rng))
+        log.warning("%s not delivered: %s", what.capitalize(), problem)
+        return False
+
+
+async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
+    """``(event, data)`` per Server-Sent Event; comments (keep-alives) are skipped."""
+    event, data = "message", []
+    async for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if field == "event":
+                event = value
+            elif field == "data":
+                data.append(value)
 
 
 class ProgressReporter:

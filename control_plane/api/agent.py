@@ -22,7 +22,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from control_plane import agents, registration
 from control_plane.agent_release import current_release
-from control_plane.api.auth import require_agent_signature
+from control_plane.api.auth import require_agent_signature, require_join_token
 from control_plane.api.schemas import (
     AgentEventBody,
     AgentProgressBody,
@@ -35,7 +35,6 @@ from control_plane.api.schemas import (
     Registration,
 )
 from control_plane.feed.hub import FeedFilter
-from control_plane.security import bearer
 
 INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "install.sh"
 
@@ -103,7 +102,7 @@ class AgentInstallController(Controller):
 
     @get("/artifact/{filename:str}", summary="The agent wheel (verify its SHA-256 against the manifest)",
          media_type="application/octet-stream", responses={404: ResponseSpec(Error, description="Unknown artifact")})
-    async def artifact(self, filename: str) -> Response[bytes]:
+    async def artifact(self, filename: FromPath[str]) -> Response[bytes]:
         release = current_release()
         if filename != release.filename:
             raise NotFoundException(f"this control plane serves {release.filename} only")
@@ -114,19 +113,18 @@ class AgentInstallController(Controller):
     async def install_script(self) -> Response[bytes]:
         return Response(INSTALL_SCRIPT.read_bytes(), media_type="text/x-shellscript")
 
-    @post("/register", status_code=201, summary="Exchange a one-time join token for an instance and its credential",
+    @post("/register", status_code=201, guards=[require_join_token], security=[{"joinToken": []}],
+          summary="Exchange a one-time join token for an instance and its credential",
           responses={401: ResponseSpec(Error, description="Join token unknown, used, expired or revoked"),
                      400: ResponseSpec(Error, description="Invalid body")})
     async def register(self, request: Request, data: JSONBody[RegisterBody]) -> Registration:
-        token = bearer(request.headers.get("authorization"))
-        if token is None:
-            raise NotAuthorizedException("send the join token as 'Authorization: Bearer <token>'")
         runtime = request.app.state.runtime
         try:
             return await registration.register(runtime.sessions, runtime.settings,
-                                               runtime.agent_token_secret, token, data)
-        except registration.JoinRefused as exc:
+                                                runtime.agent_token_secret, request.state.join_token, data)
+        except registration.JoinRefused as exc:  # spent by a concurrent request meanwhile
             raise NotAuthorizedException(str(exc)) from None
+
 
 
 async def _commands(runtime, instance_id: uuid.UUID) -> AsyncIterator[ServerSentEventMessage]:

@@ -121,6 +121,7 @@ def create_app(runtime: Runtime) -> Litestar:
                     type="apiKey", name="X-Agent-Signature", security_scheme_in="header",
                     description="HMAC-SHA256 with the instance's agent token, with X-Agent-Instance,"
                                 " X-Agent-Timestamp and X-Agent-Nonce (worker_agent/signing.py)"),
+                "joinToken": SecurityScheme(type="http", scheme="bearer", description="A one-time join token"),
             }),
             security=[{"apiKey": []}],
         ),

@@ -16,7 +16,7 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers import BaseRouteHandler
 from sqlalchemy import text
 
-from control_plane import agents
+from control_plane import agents, registration
 from control_plane.security import agent_token, bearer, digest
 from worker_agent import signing
 
@@ -80,6 +80,18 @@ async def require_agent_signature(connection: ASGIConnection, _: BaseRouteHandle
     if not fresh:
         raise NotAuthorizedException("replayed agent request: this nonce was already used")
     connection.state.agent = identity
+
+
+async def require_join_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    """Guard: a live join token, checked before the body is even read (the handler spends it
+    atomically)."""
+    token = bearer(connection.headers.get("authorization"))
+    if token is None:
+        raise NotAuthorizedException("send the join token as 'Authorization: Bearer <token>'")
+    async with connection.app.state.runtime.sessions() as session:
+        if not await registration.join_token_usable(session, token):
+            raise NotAuthorizedException(str(registration.JoinRefused.MESSAGE))
+    connection.state.join_token = token
 
 
 async def _agent(runtime, instance_id: uuid.UUID) -> agents.AgentIdentity | None:

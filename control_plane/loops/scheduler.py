@@ -45,10 +45,14 @@ def build_scheduler(
         return await trim_acknowledged(redis, settings.command_stream, settings.consumer_group)
 
     async def prune_events() -> int:
-        return await delete_old_events(sessions, settings.events_retention_seconds)
+        return await delete_old_rows(sessions, "events", settings.events_retention_seconds)
+
+    async def prune_metrics() -> int:
+        return await delete_old_rows(sessions, "instance_metrics", settings.metrics_retention_seconds)
 
     scheduler.add_job(leader_only(archive_terminated), "interval", minutes=10, id="archive")
     scheduler.add_job(leader_only(prune_events), "interval", hours=1, id="prune-events")
+    scheduler.add_job(leader_only(prune_metrics), "interval", minutes=10, id="prune-metrics")
     scheduler.add_job(leader_only(trim_command_stream), "interval", minutes=1, id="trim")
     return scheduler
 
@@ -69,14 +73,20 @@ async def archive_old_instances(sessions: async_sessionmaker[AsyncSession], age_
     return archived
 
 
-async def delete_old_events(sessions: async_sessionmaker[AsyncSession], age_seconds: float) -> int:
-    """Delete feed events older than `age_seconds`, in batches (short transactions)."""
+_PRUNABLE = {"events", "instance_metrics"}
+
+
+async def delete_old_rows(sessions: async_sessionmaker[AsyncSession], table: str,
+                          age_seconds: float) -> int:
+    """Delete rows of `table` whose `at` is older than `age_seconds`, in batches (short
+    transactions, so heartbeats and the feed never wait long on the pruning)."""
+    assert table in _PRUNABLE, table
     deleted = 0
     while True:
         async with sessions.begin() as session:
             batch = (await session.execute(
-                text("DELETE FROM events WHERE id IN (SELECT id FROM events"
-                     " WHERE at < now() - make_interval(secs => :age) ORDER BY id LIMIT 5000)"),
+                text(f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table}"
+                     " WHERE at < now() - make_interval(secs => :age) ORDER BY at LIMIT 5000)"),
                 {"age": age_seconds})).rowcount
         deleted += batch
         if batch < 5000:

@@ -14,7 +14,8 @@ from control_plane.api_keys import create_api_key
 from control_plane.feed.events import emit
 from tests.conftest import eventually
 
-PUBLIC = {"/healthz", "/readyz"}
+PUBLIC = {"/healthz", "/readyz", "/v1/agent/manifest", "/v1/agent/artifact/{filename}",
+          "/v1/agent/install.sh"}
 
 
 async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
@@ -28,7 +29,9 @@ async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
         undocumented = [r for r in routes if "401" not in spec["paths"][r[1]][r[0].lower()]["responses"]]
         assert undocumented == [], "the schema says which routes answer 401"
         for method, path in routes:
-            url = path.replace("{instance_id}", str(uuid.uuid4()))
+            url = path
+            for parameter in ("{instance_id}", "{command_id}", "{token_id}"):
+                url = url.replace(parameter, str(uuid.uuid4()))
             for headers in ({}, {"Authorization": "Bearer cpk_not-a-key"},
                             {"Authorization": "Basic dXNlcjpwYXNz"}):
                 response = await anon.request(method, url, headers=headers, json={})
@@ -38,7 +41,7 @@ async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
 
 async def test_admin_keys_do_not_open_agent_routes(control_plane):
     async with control_plane.client() as admin:
-        for path in ("/v1/agent/progress", "/v1/agent/heartbeat"):
+        for path in ("/v1/agent/progress", "/v1/agent/heartbeat", "/v1/agent/events", "/v1/agent/register"):
             response = await admin.post(path, json={"phase": "model_loaded"})
             assert response.status_code == 401
 

@@ -97,14 +97,14 @@ async def test_trimming_keeps_pending_and_unread_commands(settings, redis):
 
 async def test_old_events_are_pruned(db, database_url):
     from control_plane.db.engine import make_engine, make_sessionmaker
-    from control_plane.loops.scheduler import delete_old_events
+    from control_plane.loops.scheduler import delete_old_rows
 
     await db.execute("INSERT INTO events (type, data, at) SELECT 'x', '{}', now() - interval '40 days'"
                      " FROM generate_series(1, 6000)")
     await db.execute("INSERT INTO events (type, data) VALUES ('recent', '{}')")
     engine = make_engine(database_url, pool_size=1)
     try:
-        assert await delete_old_events(make_sessionmaker(engine), 30 * 24 * 3600) == 6000
+        assert await delete_old_rows(make_sessionmaker(engine), "events", 30 * 24 * 3600) == 6000
     finally:
         await engine.dispose()
     assert [r[0] for r in await db.fetch("SELECT type FROM events")] == ["recent"]

@@ -15,8 +15,8 @@ import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from worker_agent.simulated_vllm._boot import BootLog, print_server_started
-from worker_agent.simulated_vllm._engine import Generation, SimulatedEngine
+from worker_agent.simulated_vllm._boot import BootLog, print_crash, print_server_started
+from worker_agent.simulated_vllm._engine import TOKEN_SECONDS, Generation, SimulatedEngine
 
 MAX_MODEL_LEN = 4096
 
@@ -30,27 +30,57 @@ def serve(
     served_name: str,
     version: str,
     stop: threading.Event,
+    shutdown_timeout: int = 0,
+    fail: str | None = None,
+    fail_after: float = 0.0,
+    token_seconds: float = TOKEN_SECONDS,
+    max_model_len: int = MAX_MODEL_LEN,
 ) -> int:
-    """Bind, serve until ``stop`` is set, shut down; return the process exit code."""
+    """Bind, serve until ``stop`` is set (or the ``crash``), shut down; return the exit code.
+
+    Shutdown is vLLM's since ``--shutdown-timeout``: new connections are refused at once,
+    requests in flight get up to ``shutdown_timeout`` seconds to finish, the rest are dropped.
+    """
     try:
         server = _Server((host, port), _Handler)
     except OSError as exc:
         log.log("APIServer", "api_server.py:1847", f"{exc}: could not bind {host}:{port}", "ERROR")
         return 1
     server.log = log
-    server.engine = SimulatedEngine(served_name)
+    server.engine = SimulatedEngine(served_name, token_seconds)
     server.model = model
     server.version = version
     server.created = int(time.time())
+    server.max_model_len = max_model_len
+    server.stopping = False
     thread = threading.Thread(target=server.serve_forever, name="http", daemon=True)
     thread.start()
     print_server_started(log, host, port)
+    if fail in ("crash", "hang") and not stop.wait(fail_after):
+        if fail == "crash":
+            print_crash(log)
+            _close(server)
+            return 1
+        server.engine.hang()  # /health stays 200: only the scheduler froze
     stop.wait()
     log.log("APIServer", "launcher.py:79", "Shutting down FastAPI HTTP server.")
-    server.shutdown()
-    server.server_close()
+    _close(server)
+    if shutdown_timeout > 0 and server.engine.in_flight():
+        log.log(
+            "APIServer",
+            "api_server.py:1900",
+            f"Waiting up to {shutdown_timeout}s for {server.engine.in_flight()} in-flight "
+            "requests to finish.",
+        )
+        server.engine.wait_idle(shutdown_timeout)
     log.raw(f"(APIServer pid={os.getpid()}) INFO:     Application shutdown complete.")
     return 0
+
+
+def _close(server: _Server) -> None:
+    server.stopping = True  # kept-alive connections get 503 from now on
+    server.shutdown()
+    server.server_close()
 
 
 class _Server(ThreadingHTTPServer):
@@ -61,6 +91,8 @@ class _Server(ThreadingHTTPServer):
     model: str
     version: str
     created: int
+    max_model_len: int
+    stopping: bool
 
 
 class _ClientError(Exception):
@@ -77,7 +109,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path in ("/health", "/ping"):
+        if self.server.stopping:
+            self._shutting_down()
+        elif path in ("/health", "/ping"):
             self._send(HTTPStatus.OK, b"", "text/plain")
         elif path == "/version":
             self._json(HTTPStatus.OK, {"version": self.server.version})
@@ -93,7 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0]
         try:
             body = self._read_json()
-            if path == "/ping":
+            if self.server.stopping:
+                self._shutting_down()
+            elif path == "/ping":
                 self._send(HTTPStatus.OK, b"", "text/plain")
             elif path == "/v1/chat/completions":
                 self._complete(body, chat=True)
@@ -201,7 +237,7 @@ class _Handler(BaseHTTPRequestHandler):
                     "owned_by": "vllm",
                     "root": self.server.model,
                     "parent": None,
-                    "max_model_len": MAX_MODEL_LEN,
+                    "max_model_len": self.server.max_model_len,
                     "permission": [
                         {
                             "id": f"modelperm-{uuid.uuid4().hex}",
@@ -234,6 +270,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise _ClientError(HTTPStatus.BAD_REQUEST, "The request body must be a JSON object")
         return body
+
+    def _shutting_down(self) -> None:
+        self.close_connection = True
+        self._send(HTTPStatus.SERVICE_UNAVAILABLE, b"", "text/plain")
 
     def _json(self, status: HTTPStatus, payload: dict) -> None:
         self._send(status, json.dumps(payload).encode(), "application/json")
