@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from control_plane.cli._api import ADMIN_KEY_FILE
-from control_plane.cli.client import instances_app
+from control_plane.cli.client import instances_app, join_tokens_app
 from control_plane.settings import Settings, SettingsError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -20,6 +20,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(instances_app, name="instances")
+app.add_typer(join_tokens_app, name="join-token")
 agent_app = typer.Typer(no_args_is_help=True, help="Agent release: checksum, build, version discipline.")
 app.add_typer(agent_app, name="agent")
 

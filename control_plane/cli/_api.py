@@ -37,6 +37,8 @@ class Api:
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from None
         raise_for_status(response, instance_id)
+        if response.status_code == 204:
+            return None
         try:
             return response.json()
         except ValueError:
@@ -117,7 +119,8 @@ def raise_for_status(response: httpx.Response, instance_id: Any = None) -> None:
     if code == 404 and instance_id is not None:
         raise CliError(f"no instance {instance_id}")
     if code == 404:
-        raise CliError(f"{response.url} not found — is --url/CP_API_URL a control plane?")
+        raise CliError(detail if body.get("detail") else
+                       f"{response.url} not found — is --url/CP_API_URL a control plane?")
     if code < 500:  # 400 (validation), 409 (conflict): the server's words, with each field's
         extra = [e for e in body.get("extra") or [] if isinstance(e, dict)]
         fields = "; ".join(f"{e.get('key')}: {e.get('message')}" for e in extra)

@@ -205,3 +205,106 @@ def _request(method: str, instance_id: uuid.UUID, body: dict | None, what: str, 
         return await watcher.run([str(instance_id)])
 
     return run
+
+
+@instances_app.command("agent-command")
+def agent_command(
+    instance_id: Annotated[uuid.UUID, typer.Argument(help="Instance id")],
+    kind: Annotated[str, typer.Argument(help="drain, restart_engine, upgrade or stop")],
+    reason: Annotated[str | None, typer.Option(help="Why (shown with the command)")] = None,
+    json_out: JsonOut = False,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Send a command to the instance's agent over its outbound stream; prints the command id."""
+    body = {"kind": kind, **({"reason": reason} if reason else {})}
+
+    async def run(api: Api) -> int:
+        sent = await api.call("POST", f"/v1/instances/{instance_id}/agent-commands", json=body,
+                              instance_id=instance_id)
+        if json_out:
+            print_json(sent)
+        else:
+            err.print(f"{escape(kind)} sent to the agent of {instance_id}.")
+            typer.echo(sent["id"])
+        return 0
+
+    run_session(url, api_key, data_dir, run)
+
+
+@instances_app.command("revoke-credential")
+def revoke_credential(
+    instance_id: Annotated[uuid.UUID, typer.Argument(help="Instance id")],
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke the agent's credential: the control plane refuses its requests from now on."""
+    async def run(api: Api) -> int:
+        await api.call("POST", f"/v1/instances/{instance_id}/revoke-credential", instance_id=instance_id)
+        err.print(f"Agent credential of {instance_id} revoked.")
+        return 0
+
+    run_session(url, api_key, data_dir, run)
+
+
+join_tokens_app = typer.Typer(no_args_is_help=True, help="One-time tokens for on-prem hosts to join.")
+
+
+@join_tokens_app.command("create")
+def join_token_create(
+    name: Annotated[str, typer.Option(help="Which host or batch of hosts it is for")],
+    model: Annotated[str, typer.Option(help="Model the host will serve")],
+    instance_type: Annotated[str, typer.Option(help="A label for the kind of machine, e.g. 4xL40S")] = "onprem",
+    ttl: Annotated[int, typer.Option(min=60, max=7 * 24 * 3600, help="Seconds until it expires")] = 3600,
+    label: Labels = None,
+    json_out: JsonOut = False,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Create a join token; prints the install command to run on the host (once: the token is
+    stored only hashed)."""
+    body = {"name": name, "model": model, "instance_type": instance_type, "ttl_seconds": ttl,
+            "labels": _labels(label)}
+
+    async def run(api: Api) -> int:
+        created = await api.call("POST", "/v1/join-tokens", json=body)
+        if json_out:
+            print_json(created)
+        else:
+            err.print(f"Join token {created['id']} for {escape(name)}: single use, expires"
+                      f" {created['expires_at']}. Run this on the host:")
+            typer.echo(created["install_command"])
+        return 0
+
+    run_session(url, api_key, data_dir, run)
+
+
+@join_tokens_app.command("list")
+def join_token_list(
+    json_out: JsonOut = False,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """List join tokens and what became of them."""
+    async def run(api: Api) -> int:
+        items = (await api.call("GET", "/v1/join-tokens"))["items"]
+        if json_out:
+            print_json({"items": items})
+            return 0
+        for t in items:
+            state = ("revoked" if t["revoked_at"] else f"used by {t['instance_id']}" if t["used_at"]
+                     else f"expires {t['expires_at']}")
+            out().print(f"{t['id']}  {escape(t['name'])}  {escape(t['model'])}  {state}")
+        return 0
+
+    run_session(url, api_key, data_dir, run)
+
+
+@join_tokens_app.command("revoke")
+def join_token_revoke(
+    token_id: Annotated[uuid.UUID, typer.Argument(help="Join token id")],
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """Revoke an unused join token."""
+    async def run(api: Api) -> int:
+        await api.call("DELETE", f"/v1/join-tokens/{token_id}")
+        err.print(f"Join token {token_id} revoked.")
+        return 0
+
+    run_session(url, api_key, data_dir, run)

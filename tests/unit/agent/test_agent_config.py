@@ -26,9 +26,22 @@ def test_defaults() -> None:
         engine_port=8001,
         host="127.0.0.1",
         port=8002,
+        model_revision=None,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=None,
+        max_model_len=None,
+        download_dir=None,
         vllm_args=(),
+        runtime="process",
+        docker_image="vllm/vllm-openai:v0.19.1",
+        shutdown_timeout_seconds=30,
+        drain_timeout_seconds=300.0,
+        stall_seconds=60.0,
+        probe_interval_seconds=30.0,
+        probe_timeout_seconds=30.0,
         sim_boot_seconds=5.0,
         sim_fail=None,
+        sim_fail_after_seconds=5.0,
         heartbeat_seconds=10.0,
         boot_timeout_seconds=1800.0,
     )
@@ -43,9 +56,22 @@ def test_every_setting_is_read() -> None:
             "WORKER_AGENT_HOST": "0.0.0.0",
             "WORKER_AGENT_PORT": "9002",
             "WORKER_AGENT_SERVED_MODEL_NAME": "qwen",
-            "WORKER_AGENT_VLLM_ARGS": "-tp 2 --max-model-len '8192'",
+            "WORKER_AGENT_MODEL_REVISION": "v2.1",
+            "WORKER_AGENT_TENSOR_PARALLEL_SIZE": "2",
+            "WORKER_AGENT_GPU_MEMORY_UTILIZATION": "0.85",
+            "WORKER_AGENT_MAX_MODEL_LEN": "8192",
+            "WORKER_AGENT_DOWNLOAD_DIR": "/data/models",
+            "WORKER_AGENT_VLLM_ARGS": "--enforce-eager --kv-cache-dtype 'fp8'",
+            "WORKER_AGENT_RUNTIME": "docker",
+            "WORKER_AGENT_DOCKER_IMAGE": "registry.example.com/vllm-openai:v0.20.0",
+            "WORKER_AGENT_SHUTDOWN_TIMEOUT_SECONDS": "45",
+            "WORKER_AGENT_DRAIN_TIMEOUT_SECONDS": "120",
+            "WORKER_AGENT_STALL_SECONDS": "90",
+            "WORKER_AGENT_PROBE_INTERVAL_SECONDS": "15",
+            "WORKER_AGENT_PROBE_TIMEOUT_SECONDS": "20",
             "WORKER_AGENT_SIM_BOOT_SECONDS": "1.5",
-            "WORKER_AGENT_SIM_FAIL": "kv_cache",
+            "WORKER_AGENT_SIM_FAIL": "hang",
+            "WORKER_AGENT_SIM_FAIL_AFTER_SECONDS": "3",
             "WORKER_AGENT_HEARTBEAT_SECONDS": "2",
             "WORKER_AGENT_BOOT_TIMEOUT_SECONDS": "60",
         }
@@ -58,8 +84,22 @@ def test_every_setting_is_read() -> None:
         9002,
     )
     assert config.served_model_name == "qwen"
-    assert config.vllm_args == ("-tp", "2", "--max-model-len", "8192")
-    assert (config.sim_boot_seconds, config.sim_fail) == (1.5, "kv_cache")
+    assert (config.model_revision, config.tensor_parallel_size) == ("v2.1", 2)
+    assert (config.gpu_memory_utilization, config.max_model_len) == (0.85, 8192)
+    assert config.download_dir == "/data/models"
+    assert config.vllm_args == ("--enforce-eager", "--kv-cache-dtype", "fp8")
+    assert (config.runtime, config.docker_image) == (
+        "docker",
+        "registry.example.com/vllm-openai:v0.20.0",
+    )
+    assert (config.shutdown_timeout_seconds, config.drain_timeout_seconds) == (45, 120.0)
+    assert (config.stall_seconds, config.probe_interval_seconds) == (90.0, 15.0)
+    assert config.probe_timeout_seconds == 20.0
+    assert (config.sim_boot_seconds, config.sim_fail, config.sim_fail_after_seconds) == (
+        1.5,
+        "hang",
+        3.0,
+    )
     assert (config.heartbeat_seconds, config.boot_timeout_seconds) == (2.0, 60.0)
 
 
@@ -96,7 +136,7 @@ def test_every_problem_is_reported_at_once() -> None:
         "ENGINE must be one of simulated, vllm, got 'tgi'",
         "ENGINE_PORT must be a port",
         "WORKER_AGENT_PORT must be a port",
-        "SIM_FAIL must be one of kv_cache, got 'oom'",
+        "SIM_FAIL must be one of kv_cache, crash, hang, got 'oom'",
         "HEARTBEAT_SECONDS must be a number",
         "BOOT_TIMEOUT_SECONDS must be a number",
         "SIM_BOOT_SECONDS must be a number",
@@ -104,6 +144,69 @@ def test_every_problem_is_reported_at_once() -> None:
     ):
         assert name in text
     assert len(caught.value.problems) == 12
+
+
+def test_engine_options_are_validated_at_once() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            REQUIRED
+            | {
+                "WORKER_AGENT_TENSOR_PARALLEL_SIZE": "0",
+                "WORKER_AGENT_GPU_MEMORY_UTILIZATION": "1.5",
+                "WORKER_AGENT_MAX_MODEL_LEN": "4k",
+                "WORKER_AGENT_DOWNLOAD_DIR": "models",
+                "WORKER_AGENT_RUNTIME": "podman",
+                "WORKER_AGENT_SHUTDOWN_TIMEOUT_SECONDS": "2.5",
+                "WORKER_AGENT_DRAIN_TIMEOUT_SECONDS": "-1",
+                "WORKER_AGENT_STALL_SECONDS": "0",
+                "WORKER_AGENT_PROBE_INTERVAL_SECONDS": "never",
+                "WORKER_AGENT_PROBE_TIMEOUT_SECONDS": "inf",
+                "WORKER_AGENT_SIM_FAIL_AFTER_SECONDS": "soon",
+            }
+        )
+
+    assert caught.value.problems == [
+        "WORKER_AGENT_RUNTIME must be one of process, docker, got 'podman'",
+        "WORKER_AGENT_DOWNLOAD_DIR must be an absolute path, got 'models'",
+        "WORKER_AGENT_TENSOR_PARALLEL_SIZE must be a whole number >= 1, got '0'",
+        "WORKER_AGENT_GPU_MEMORY_UTILIZATION must be a number in (0, 1], got '1.5'",
+        "WORKER_AGENT_MAX_MODEL_LEN must be a whole number >= 1, got '4k'",
+        "WORKER_AGENT_SHUTDOWN_TIMEOUT_SECONDS must be a whole number >= 0, got '2.5'",
+        "WORKER_AGENT_DRAIN_TIMEOUT_SECONDS must be a number >= 0.0, got '-1'",
+        "WORKER_AGENT_STALL_SECONDS must be a number >= 0.05, got '0'",
+        "WORKER_AGENT_PROBE_INTERVAL_SECONDS must be a number >= 0.05, got 'never'",
+        "WORKER_AGENT_PROBE_TIMEOUT_SECONDS must be a number >= 0.05, got 'inf'",
+        "WORKER_AGENT_SIM_FAIL_AFTER_SECONDS must be a number >= 0.0, got 'soon'",
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "-0.5", "nan", "x"])
+def test_gpu_memory_utilization_must_be_a_share(value: str) -> None:
+    with pytest.raises(ConfigError, match="GPU_MEMORY_UTILIZATION must be a number in"):
+        load_config(REQUIRED | {"WORKER_AGENT_GPU_MEMORY_UTILIZATION": value})
+
+    assert load_config(REQUIRED | {"WORKER_AGENT_GPU_MEMORY_UTILIZATION": "1"}).gpu_memory_utilization == 1.0
+
+
+def test_docker_runtime_needs_the_real_engine() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(REQUIRED | {"WORKER_AGENT_RUNTIME": "docker"})
+
+    assert caught.value.problems == ["WORKER_AGENT_RUNTIME=docker needs WORKER_AGENT_ENGINE=vllm"]
+
+
+def test_vllm_args_must_not_set_what_the_agent_sets() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            REQUIRED
+            | {"WORKER_AGENT_VLLM_ARGS": "--enforce-eager --port 9000 -tp 2 --max-model-len=4096"}
+        )
+
+    assert caught.value.problems == [
+        "WORKER_AGENT_VLLM_ARGS must not set --port: use WORKER_AGENT_ENGINE_PORT",
+        "WORKER_AGENT_VLLM_ARGS must not set -tp: use WORKER_AGENT_TENSOR_PARALLEL_SIZE",
+        "WORKER_AGENT_VLLM_ARGS must not set --max-model-len: use WORKER_AGENT_MAX_MODEL_LEN",
+    ]
 
 
 def test_main_exits_2_with_a_clear_message(capsys: pytest.CaptureFixture[str]) -> None:
