@@ -145,6 +145,20 @@ class RunningControlPlane:
         kwargs.setdefault("timeout", 10)
         return httpx.AsyncClient(base_url=self.url, headers=headers, **kwargs)
 
+    def agent_client(self, instance_id: Any, token: str | None = None, **kwargs: Any):
+        """An HTTP client signing like the agent does (`worker_agent.reporting.RequestSigner`),
+        by default with the instance's own token."""
+        import httpx
+
+        from control_plane.security import agent_token
+        from worker_agent.reporting import RequestSigner
+
+        instance_id = uuid.UUID(str(instance_id))
+        token = token or agent_token(self.runtime.agent_token_secret, instance_id)
+        kwargs.setdefault("timeout", 10)
+        return httpx.AsyncClient(base_url=self.url, auth=RequestSigner(token, str(instance_id)),
+                                 **kwargs)
+
     async def __aexit__(self, *exc: Any) -> None:
         if self._server is not None:
             self._server.should_exit = True

@@ -92,7 +92,9 @@ class Agent:
         self._environ = environ
         self._max_restarts = max_restarts
         self._backoff = backoff
-        self._cp = control_plane or ControlPlaneClient(config.control_plane_url, config.token)
+        self._cp = control_plane or ControlPlaneClient(
+            config.control_plane_url, config.token, config.instance_id
+        )
         self._reporter = ProgressReporter(self._cp)
         self._events: asyncio.Queue[tuple[str, str, dict]] = asyncio.Queue()
         self._http = EngineHTTP(config.engine_port)

@@ -53,7 +53,7 @@ async def test_agent_reported_failure_fails_the_start(control_plane, db):
         "INSERT INTO instances (id, provider, instance_type, model, status, agent_token_hash,"
         " boot_deadline_at, next_check_at) VALUES ($1, 'local', 'local-gpu', 'm', 'booting', $2,"
         " now() + interval '1 hour', now() + interval '1 hour')", instance_id, digest(token))
-    async with control_plane.client(key=token) as agent:
+    async with control_plane.agent_client(instance_id) as agent:
         progress = await agent.post("/v1/agent/progress", json={"phase": "model_loaded"})
         assert progress.status_code == 200 and progress.json()["accepted"] is True
         again = await agent.post("/v1/agent/progress", json={"phase": "model_loaded"})
@@ -86,7 +86,7 @@ async def test_drain_waits_for_an_idle_engine_then_terminates(control_plane, db)
         "draining_to_terminating", "terminating_to_terminated"]
     reasons = [r[0] for r in await db.fetch(
         "SELECT reason FROM instance_state_history WHERE instance_id = $1 ORDER BY id", uuid.UUID(instance_id))]
-    assert reasons[3] == "scale down" and reasons[4] == "Drained: no request in flight"
+    assert reasons[3] == "scale down" and reasons[4].startswith("Drained by the agent (done)")
 
 
 async def _is(db, instance_id, status: str) -> bool:

@@ -185,7 +185,10 @@ def test_gpu_memory_utilization_must_be_a_share(value: str) -> None:
     with pytest.raises(ConfigError, match="GPU_MEMORY_UTILIZATION must be a number in"):
         load_config(REQUIRED | {"WORKER_AGENT_GPU_MEMORY_UTILIZATION": value})
 
-    assert load_config(REQUIRED | {"WORKER_AGENT_GPU_MEMORY_UTILIZATION": "1"}).gpu_memory_utilization == 1.0
+    assert (
+        load_config(REQUIRED | {"WORKER_AGENT_GPU_MEMORY_UTILIZATION": "1"}).gpu_memory_utilization
+        == 1.0
+    )
 
 
 def test_docker_runtime_needs_the_real_engine() -> None:

@@ -1,17 +1,98 @@
 """``metrics``: vLLM's /metrics summary (recorded idle server + synthetic load) and NVML."""
 
+import re
 import sys
 import types
 
 import pytest
 
-from worker_agent.metrics import VLLM_METRICS, gpu_metrics, parse_samples, vllm_summary
+from worker_agent.metrics import (
+    TTFT_METRICS,
+    VLLM_METRICS,
+    gpu_metrics,
+    histogram_quantile,
+    parse_samples,
+    vllm_summary,
+)
+
+NO_TTFT = dict.fromkeys(TTFT_METRICS)
 
 
 def test_idle_v1_server_summary(vllm_fixture) -> None:
     text = vllm_fixture("metrics-v1-idle-qwen0.5b.txt")
 
-    assert vllm_summary(text) == dict.fromkeys(VLLM_METRICS, 0.0)
+    assert vllm_summary(text) == dict.fromkeys(VLLM_METRICS, 0.0) | {
+        "ttft_seconds_p50": None,  # no observation: no percentile
+        "ttft_seconds_p99": None,
+    }
+
+
+def test_ttft_of_the_recorded_exposition_under_load(vllm_fixture) -> None:
+    # The recorded dump with 100 observations written into its own TTFT lines (format,
+    # labels, bucket bounds and the _created sample stay vLLM's).
+    cumulative = {"0.06": 30, "0.08": 60, "0.1": 90, "0.25": 99}
+    filled = {"0.5", "0.75", "1.0", "2.5", "5.0", "7.5", "10.0", "20.0", "40.0", "80.0"}
+    filled |= {"160.0", "640.0", "2560.0", "+Inf"}
+
+    def load(match: re.Match[str]) -> str:
+        le = match["le"]
+        return f"{match['head']} {float(cumulative.get(le, 100 if le in filled else 0))}"
+
+    text = re.sub(
+        r'(?P<head>vllm:time_to_first_token_seconds_bucket\{[^}]*le="(?P<le>[^"]+)"[^}]*\}) 0\.0',
+        load,
+        vllm_fixture("metrics-v1-idle-qwen0.5b.txt"),
+    )
+    text = text.replace(
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="Qwen/Qwen1.5-0.5B-Chat"} 0.0',
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="Qwen/Qwen1.5-0.5B-Chat"} 100.0',
+    ).replace(
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen1.5-0.5B-Chat"} 0.0',
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="Qwen/Qwen1.5-0.5B-Chat"} 7.25',
+    )
+
+    summary = vllm_summary(text)
+
+    assert (summary["ttft_seconds_count"], summary["ttft_seconds_sum"]) == (100.0, 7.25)
+    assert summary["ttft_seconds_p50"] == pytest.approx(0.06 + 0.02 * 20 / 30)
+    assert summary["ttft_seconds_p99"] == pytest.approx(0.25)
+    assert summary["generation_tokens_total"] == 0.0  # nothing else changed
+
+
+def test_ttft_is_summed_across_label_sets() -> None:
+    lines = []
+    for engine, counts, total in (("0", (2, 6, 8, 10), 6.0), ("1", (0, 2, 8, 10), 9.0)):
+        labels = f'engine="{engine}",model_name="m"'
+        for le, count in zip(("0.1", "0.5", "1.0", "+Inf"), counts, strict=True):
+            lines.append(f'vllm:time_to_first_token_seconds_bucket{{{labels},le="{le}"}} {count}')
+        lines.append(f"vllm:time_to_first_token_seconds_count{{{labels}}} {counts[-1]}")
+        lines.append(f"vllm:time_to_first_token_seconds_sum{{{labels}}} {total}")
+
+    summary = vllm_summary("\n".join(lines))
+
+    # together: <=0.1: 2, <=0.5: 8, <=1.0: 16, all: 20
+    assert {key: summary[key] for key in TTFT_METRICS} == {
+        "ttft_seconds_count": 20.0,
+        "ttft_seconds_sum": 15.0,
+        "ttft_seconds_p50": pytest.approx(0.5 + 0.5 * (10 - 8) / (16 - 8)),
+        "ttft_seconds_p99": 1.0,  # rank 19.8 lies in +Inf: the highest finite bound
+    }
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        (0.5, {0.1: 40, 0.2: 90, 0.4: 100, float("inf"): 100}, 0.1 + 0.1 * 10 / 50),
+        (0.99, {0.1: 40, 0.2: 90, 0.4: 100, float("inf"): 100}, 0.2 + 0.2 * 9 / 10),
+        (0.5, {0.1: 10, float("inf"): 10}, 0.05),  # first bucket: from 0
+        (0.5, {0.1: 0, float("inf"): 0}, None),  # no observation
+        (0.5, {0.1: 3, 0.2: 5}, None),  # no +Inf bucket: the total is unknown
+    ],
+)
+def test_histogram_quantile(q: float, buckets: dict[float, float], expected) -> None:
+    result = histogram_quantile(q, buckets)
+
+    assert result == (expected if expected is None else pytest.approx(expected))
 
 
 def test_parses_every_sample_line_of_the_recorded_exposition(vllm_fixture) -> None:
@@ -48,6 +129,7 @@ def test_sums_label_sets_and_averages_kv_cache_usage() -> None:
         "kv_cache_usage_perc": 0.375,
         "prompt_tokens_total": 1500.0,
         "generation_tokens_total": 42.0,
+        **NO_TTFT,
     }
 
 
