@@ -260,6 +260,9 @@ class LocalProvider(ProviderAdapter):
             "WORKER_AGENT_PORT": str(agent_port),
             "WORKER_AGENT_ENGINE_PORT": str(engine_port),
         }
+        cache = self._store.load_volume(_cache_volume_id(record.model)) if self._model_cache else None
+        if cache is not None and machine_id in cache.attached_to:
+            env["WORKER_AGENT_DOWNLOAD_DIR"] = str(self._store.volume_dir(cache.id) / "data")
         pid, started = _process.spawn(
             [self._python, "-m", "worker_agent"],
             cwd=directory,
