@@ -93,7 +93,8 @@ parse_args() {
 		--no-systemd) systemd=0 ;;
 		--uninstall) uninstall=1 ;;
 		-h | --help) usage; exit 0 ;;
-		*) die "unknown option '$1' (see --help)" ;;
+		-*) die "unknown option '$1' (see --help)" ;;
+		*) die "unexpected argument (not echoed: it may be a token); options start with -- (see --help)" ;;
 		esac
 		shift
 	done
@@ -154,7 +155,7 @@ check_user() {
 	local dir=$prefix
 	while [[ ! -e $dir ]]; do dir=$(dirname "$dir"); done
 	[[ -d $dir && -w $dir ]] ||
-		die "--prefix $prefix is not writable by $(id -un): run as root or choose another --prefix"
+		die "--prefix $prefix is not writable by $(id -un 2>/dev/null || id -u): run as root or choose another --prefix"
 }
 
 check_python() {
@@ -231,7 +232,8 @@ install_wheel() {
 	# the same version is installed already (a re-run must run exactly the verified code).
 	"${pip[@]}" install "$wheel" </dev/null
 	"${pip[@]}" install --force-reinstall --no-deps "$wheel" </dev/null
-	installed=$("$venv/bin/python" -m worker_agent --checksum </dev/null)
+	installed=$("$venv/bin/python" -m worker_agent --checksum </dev/null) ||
+		die "the installed agent does not run: $venv/bin/python -m worker_agent --checksum failed"
 	[[ $installed == "$sha256" ]] ||
 		die "the installed agent's checksum is $installed, not the verified $sha256"
 }
@@ -254,7 +256,8 @@ Restart=always
 RestartSec=5
 # Exit code 2 is an invalid agent.env: restarting cannot fix it.
 RestartPreventExitStatus=2
-# SIGTERM goes to the agent only: it stops vLLM itself, letting requests finish.
+# SIGTERM goes to the agent only: it stops vLLM itself, letting requests finish;
+# whatever is left when it exits (or at TimeoutStopSec) is killed.
 KillMode=mixed
 TimeoutStopSec=$STOP_TIMEOUT
 # root: the agent starts vLLM (or docker) on the GPUs; a dedicated user would need
@@ -310,6 +313,9 @@ wait_until_serving() {
 			tail -n 20 "$log_file" >&2 || true
 			die "the agent exited at start (log above, from $log_file)"
 		fi
+		if [[ $systemd == 1 ]] && systemctl is-failed --quiet "$UNIT_NAME"; then
+			die "$UNIT_NAME.service failed at start ($(where_logs))"
+		fi
 		((SECONDS < deadline)) || die "the agent did not answer on http://$host:$port/info within ${START_TIMEOUT} s ($(where_logs))"
 		sleep 0.5
 	done
@@ -357,14 +363,27 @@ stop_background() {
 			say "The agent did not stop within ${STOP_TIMEOUT} s: killing its process group"
 			kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
 		fi
+		kill_strays
 	fi
 	rm -f -- "$pid_file"
+}
+
+# What systemd's KillMode=mixed does once the agent is gone: nothing started from the venv
+# (an engine in its own session, say) may outlive it.
+kill_strays() {
+	local dir argv0
+	for dir in /proc/[0-9]*; do
+		{ IFS= read -r -d '' argv0 <"$dir/cmdline"; } 2>/dev/null || continue
+		[[ $argv0 == "$venv/bin/"* ]] || continue
+		say "Killing process ${dir#/proc/}, still running from $venv"
+		kill -KILL "${dir#/proc/}" 2>/dev/null || true
+	done
 }
 
 # A pid file can outlive its process, and the pid be reused: check the command line.
 is_our_agent() {
 	local cmdline
-	cmdline=$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null) || return 1
+	cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$1/cmdline") || return 1
 	[[ $cmdline == "$venv/bin/python -m worker_agent"* ]]
 }
 

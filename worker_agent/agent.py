@@ -12,12 +12,16 @@ What it guarantees:
   ``failed``, until it is stopped or ``restart_engine`` is called.
 - Once ready, the engine is watched (``supervision``): its exit is a crash, a stall or an
   unanswered probe a hang. Either is reported (``engine_crashed``, ``engine_hung``), a hung
-  engine is stopped, and a new one is started with backoff (``engine_restarted``); after
-  ``max_restarts`` automatic restarts the agent gives up (``engine_gave_up``, state
-  ``failed``).
+  engine is stopped, and a new one is started with backoff (``engine_restarted``; a new
+  engine that fails its boot is another ``engine_crashed``); after ``max_restarts``
+  automatic restarts the agent gives up (``engine_gave_up``, state ``failed``).
 - An engine stopped on purpose (``drain``, ``restart_engine``, the agent's stop) is never
   restarted by the supervision.
 - Events go out in order, in the background: a slow control plane never delays a restart.
+- Commands from the control plane arrive on the agent's own outbound stream (``commands``):
+  ``drain``, ``restart_engine``, ``upgrade`` (install the served release, then exit
+  ``EXIT_UPGRADED`` for the service manager to restart it) and ``stop`` (stop the engine,
+  exit ``EXIT_RELEASED``: the host is released, the service must not restart the agent).
 - On stop: the engine gets SIGTERM (SIGKILL after vLLM's shutdown timeout and a margin),
   pending progress and events get a few seconds to leave, ``/info`` closes, ``run`` returns 0.
 """
@@ -29,18 +33,27 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import httpx
+
 from worker_agent import AGENT_BUILD_DATE, AGENT_VERSION
+from worker_agent.commands import CommandListener
 from worker_agent.config import AgentConfig
-from worker_agent.engine import EngineHTTP, EngineProcess, engine_launch
-from worker_agent.engine_log import failure_summary
+from worker_agent.engine import EngineHTTP, EngineProcess
+from worker_agent.engine_command import engine_launch
 from worker_agent.info_server import InfoServer
 from worker_agent.integrity import code_checksum
 from worker_agent.metrics import gpu_metrics
 from worker_agent.reporting import FAILED, ControlPlaneClient, ProgressReporter
-from worker_agent.supervision import restart_delay, watch_boot, watch_for_hang
+from worker_agent.supervision import (
+    Problem,
+    restart_delay,
+    wait_idle,
+    watch_boot,
+    watch_running,
+)
+from worker_agent.upgrade import UpgradeRefused, upgrade
 
 log = logging.getLogger("worker_agent")
 
@@ -48,22 +61,18 @@ STOP_MARGIN_SECONDS = 15.0
 """Beyond vLLM's ``--shutdown-timeout``, for its own teardown, before SIGKILL."""
 FLUSH_SECONDS = 3.0
 MAX_RESTARTS = 5
+EXIT_RELEASED = 3
+"""Exit code after a ``stop`` command: the service manager must not restart the agent."""
+EXIT_UPGRADED = 75
+"""Exit code after an upgrade: the service manager restarts the agent on the new code."""
 GPU_METRICS_TIMEOUT_SECONDS = 5.0
 DRAIN_POLL_SECONDS = 0.2
-EXIT_OUTPUT_SECONDS = 2.0
 
 STATES = (
     "starting", "booting", "running", "crashed", "hung", "restarting", "draining", "drained",
     "failed", "stopped",
 )  # fmt: skip
 """Engine states in ``/info`` and heartbeats."""
-
-
-@dataclass(frozen=True)
-class _Problem:
-    kind: str  # engine_crashed | engine_hung
-    message: str
-    data: dict
 
 
 class Agent:
@@ -103,6 +112,8 @@ class Agent:
         self._lock = asyncio.Lock()  # one engine start or stop at a time
         self._job: asyncio.Task[None] | None = None  # a boot or a recovery in progress
         self._wanted = True  # False after a drain: no engine should run
+        self._told_to_exit = asyncio.Event()
+        self._exit_code: int | None = None
 
     @property
     def stop_grace(self) -> float:
@@ -122,47 +133,55 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> int:
         """Serve ``/info``, boot and supervise the engine until ``stop`` is set; exit code."""
-        try:
-            info = InfoServer(self.config.host, self.config.port, self.info)
-        except OSError as exc:
-            log.error("Cannot serve /info on %s:%s: %s", self.config.host, self.config.port, exc)
-            return 1
-        info.start()
+        info = None
+        if self.config.info_server:
+            try:
+                info = InfoServer(self.config.host, self.config.port, self.info)
+            except OSError as exc:
+                log.error("Cannot serve /info on %s:%s: %s", self.config.host, self.config.port, exc)
+                return 1
+            info.start()
         log.info(
-            "Agent %s started (checksum %s), instance %s, /info on %s:%s",
-            AGENT_VERSION, self.checksum, self.config.instance_id, self.config.host, info.port,
+            "Agent %s started (checksum %s), instance %s, /info %s",
+            AGENT_VERSION, self.checksum, self.config.instance_id,
+            f"on {self.config.host}:{info.port}" if info else "off (outbound only)",
         )  # fmt: skip
+        listener = CommandListener(self._cp, self._on_command, after_ack=self._after_ack)
         senders = [
             asyncio.create_task(self._reporter.run(), name="progress"),
             asyncio.create_task(self._send_events(), name="events"),
+            asyncio.create_task(listener.run(), name="commands"),
         ]
         main = asyncio.create_task(self._main(), name="main")
         stopping = asyncio.create_task(stop.wait(), name="stop")
+        told = asyncio.create_task(self._told_to_exit.wait(), name="told-to-exit")
         code = 0
         try:
-            await asyncio.wait({main, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({main, stopping, told}, return_when=asyncio.FIRST_COMPLETED)
             if main.done() and not main.cancelled() and main.exception():
                 log.error("Agent failed", exc_info=main.exception())
                 code = 1
+            elif told.done():
+                code = self._exit_code
         finally:
             log.info("Agent stopping")
-            for task in (main, stopping):
+            for task in (main, stopping, told):
                 task.cancel()
-            await asyncio.gather(main, stopping, return_exceptions=True)
+            await asyncio.gather(main, stopping, told, return_exceptions=True)
             await self._cancel_job()
             if self.engine is not None:
                 await self.engine.stop(self.stop_grace)
             self._set_state("stopped")
             if not await self._reporter.flush(FLUSH_SECONDS):
                 log.warning("Undelivered progress dropped at stop")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._events.join(), FLUSH_SECONDS)
+            await self._events_sent(FLUSH_SECONDS)
             for task in senders:
                 task.cancel()
             await asyncio.gather(*senders, return_exceptions=True)
             await self._http.aclose()
             await self._cp.aclose()
-            await asyncio.to_thread(info.close)
+            if info is not None:
+                await asyncio.to_thread(info.close)
             log.info("Agent stopped")
         return code
 
@@ -174,7 +193,8 @@ class Agent:
         is 0 or ``timeout`` seconds (default ``drain_timeout_seconds``) have passed, then
         sends SIGTERM: vLLM finishes what is still in flight within ``--shutdown-timeout``.
         A boot or restart in progress is abandoned. The engine then stays stopped (state
-        ``drained``, no automatic restart) until ``restart_engine``.
+        ``drained``, no automatic restart) until ``restart_engine``. Returns once the event
+        was sent (or after a few seconds): a command's outcome then follows its event.
         """
         bound = self.config.drain_timeout_seconds if timeout is None else timeout
         self._wanted = False
@@ -188,15 +208,24 @@ class Agent:
                 serving = self.state == "running"
                 self._set_state("draining")
                 started = asyncio.get_running_loop().time()
-                at_start, left = await self._wait_idle(engine, bound) if serving else (0, 0)
+                at_start, left = (
+                    await wait_idle(self._http, engine, bound, DRAIN_POLL_SECONDS)
+                    if serving
+                    else (0, 0)
+                )
                 waited = asyncio.get_running_loop().time() - started
                 code = await engine.stop(self.stop_grace)
-                data |= {"in_flight_at_start": at_start, "in_flight_at_stop": left,
-                         "waited_seconds": round(waited, 3), "exit_code": code}  # fmt: skip
+                data |= {
+                    "in_flight_at_start": at_start,
+                    "in_flight_at_stop": left,
+                    "waited_seconds": round(waited, 3),
+                    "exit_code": code,
+                }
                 summary = _drain_summary(at_start, left, waited, bound, code, self.config)
             self._set_state("drained")
             self._event("drained", summary, data)
-            return summary
+        await self._events_sent(FLUSH_SECONDS)
+        return summary
 
     async def restart_engine(self) -> str:
         """Restart the engine on request; report it; return a summary.
@@ -205,7 +234,8 @@ class Agent:
         ``--shutdown-timeout``), then a new one boots. Works from any state, including
         ``drained`` and ``failed``; a boot or automatic restart in progress is abandoned.
         Reports ``engine_restarted``, or ``engine_gave_up`` when the new engine fails its
-        boot (not retried: boot failures repeat).
+        boot (not retried: boot failures repeat). Returns once the event was sent (or after a
+        few seconds), like ``drain``.
         """
         self._wanted = True
         await self._cancel_job()
@@ -219,12 +249,42 @@ class Agent:
                 summary = f"Engine restart requested by the operator failed: {reason}"
                 self._set_state("failed")
                 self._event("engine_gave_up", summary, {"requested": True})
-                return summary
-            summary = f"Engine restarted on request (pid {self.engine.pid})"
-            self._set_state("running")
-            self._engine_ready.set()
-            self._event("engine_restarted", summary, {"requested": True, "pid": self.engine.pid})
-            return summary
+            else:
+                summary = f"Engine restarted on request (pid {self.engine.pid})"
+                self._set_state("running")
+                self._engine_ready.set()
+                data = {"requested": True, "pid": self.engine.pid}
+                self._event("engine_restarted", summary, data)
+        await self._events_sent(FLUSH_SECONDS)
+        return summary
+
+    async def _on_command(self, command: dict) -> tuple[str, str]:
+        """Carry out one command from the control plane: ``(outcome, detail)``."""
+        kind = command.get("kind")
+        if kind == "drain":
+            return "done", await self.drain()
+        if kind == "restart_engine":
+            summary = await self.restart_engine()
+            return ("done" if self.state == "running" else "failed"), summary
+        if kind == "stop":
+            await self.drain(timeout=0)
+            self._exit_code = EXIT_RELEASED
+            return "done", "engine stopped; the agent exits and is not restarted"
+        if kind == "upgrade":
+            try:
+                installed = await upgrade(self.config.control_plane_url)
+            except (UpgradeRefused, httpx.HTTPError, OSError, TimeoutError) as exc:
+                return "failed", f"upgrade not done: {exc}"
+            if installed is None:
+                return "ignored", f"already running the served release ({AGENT_VERSION})"
+            self._exit_code = EXIT_UPGRADED
+            return "done", f"installed {installed}; restarting"
+        return "ignored", f"unknown command kind {kind!r}"
+
+    def _after_ack(self) -> None:
+        """Exit only once the control plane has the acknowledgement of ``stop``/``upgrade``."""
+        if self._exit_code is not None:
+            self._told_to_exit.set()
 
     async def _main(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -270,7 +330,13 @@ class Agent:
             await self._engine_ready.wait()
             self._engine_ready.clear()
             engine = self.engine
-            problem = await self._watch(engine)
+            problem = await watch_running(
+                engine,
+                self._http,
+                self.config,
+                restarts=self.restarts,
+                paused=lambda: self.state == "draining",
+            )
             if problem is not None:
                 await self._run_job(self._recover(engine, problem), "recover")
 
@@ -282,38 +348,7 @@ class Agent:
         if not job.cancelled() and job.exception() is not None:
             raise job.exception()
 
-    async def _watch(self, engine: EngineProcess) -> _Problem | None:
-        """Wait until ``engine`` exits or hangs; ``None`` if it was stopped on purpose."""
-        exited = asyncio.create_task(engine.wait())
-        hung = asyncio.create_task(
-            watch_for_hang(
-                self._http,
-                self.config.served_model_name,
-                stall_seconds=self.config.stall_seconds,
-                probe_interval_seconds=self.config.probe_interval_seconds,
-                probe_timeout_seconds=self.config.probe_timeout_seconds,
-                paused=lambda: self.state == "draining",
-            )
-        )
-        try:
-            done, _ = await asyncio.wait({exited, hung}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (exited, hung):
-                task.cancel()
-            await asyncio.gather(exited, hung, return_exceptions=True)
-        if engine.stop_requested:
-            return None
-        data = {"pid": engine.pid, "restarts": self.restarts}
-        if exited in done:
-            await engine.wait_closed(EXIT_OUTPUT_SECONDS)  # the last lines explain the exit
-            code = engine.returncode
-            detail = failure_summary(engine.failures) or f"last log line: {engine.last_line}"
-            data |= {"exit_code": code, "last_line": engine.last_line}
-            return _Problem("engine_crashed", f"Engine exited with code {code}: {detail}", data)
-        reason = hung.result()
-        return _Problem("engine_hung", f"Engine hung: {reason}", data | {"reason": reason})
-
-    async def _recover(self, engine: EngineProcess, problem: _Problem) -> None:
+    async def _recover(self, engine: EngineProcess, problem: Problem) -> None:
         """Report ``problem``, stop the engine, restart with backoff (or give up)."""
         async with self._lock:
             if engine is not self.engine or engine.stop_requested or not self._wanted:
@@ -357,35 +392,19 @@ class Agent:
             job.cancel()
             await asyncio.wait({job})
 
-    async def _wait_idle(self, engine: EngineProcess, bound: float) -> tuple[int, int]:
-        """Poll ``/metrics`` until nothing runs or waits, the engine exits, or ``bound``
-        passes; return the requests in flight at the start and at the end."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + bound
-        first: int | None = None
-        while True:
-            sample = await self._http.metrics()
-            running = sample.get("num_requests_running")
-            waiting = sample.get("num_requests_waiting")
-            in_flight = None if running is None or waiting is None else int(running + waiting)
-            if first is None and in_flight is not None:
-                first = in_flight
-            if in_flight == 0 or not engine.alive or loop.time() >= deadline:
-                return first or 0, in_flight or 0
-            await asyncio.sleep(min(DRAIN_POLL_SECONDS, max(0.0, deadline - loop.time())))
-
     async def _heartbeats(self) -> None:
         while True:
             self._state_changed.clear()
             await self._cp.send_heartbeat(await self._heartbeat())
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._state_changed.wait(), self.config.heartbeat_seconds)
+                async with asyncio.timeout(self.config.heartbeat_seconds):
+                    await self._state_changed.wait()
 
     async def _heartbeat(self) -> dict:
         try:
-            gpus = await asyncio.wait_for(
-                asyncio.to_thread(gpu_metrics), GPU_METRICS_TIMEOUT_SECONDS
-            )
+            async with asyncio.timeout(GPU_METRICS_TIMEOUT_SECONDS):
+                gpus = await asyncio.to_thread(gpu_metrics)
         except TimeoutError:
             gpus = []
         running = self.state == "running"
@@ -416,6 +435,16 @@ class Agent:
         """Queue an event for the control plane (sent in order by ``_send_events``)."""
         log.info("Event %s: %s", kind, message)
         self._events.put_nowait((kind, message, data))
+
+    async def _events_sent(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for the queued events to be handed to the control plane, so
+        that a command's outcome follows its event."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._events.join()
+        except TimeoutError:
+            return False
+        return True
 
     async def _send_events(self) -> None:
         while True:

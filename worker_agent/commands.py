@@ -24,10 +24,12 @@ Handler = Callable[[dict], Awaitable[tuple[str, str]]]
 
 
 class CommandListener:
-    def __init__(self, client: ControlPlaneClient, handler: Handler,
+    def __init__(self, client: ControlPlaneClient, handler: Handler, *,
+                 after_ack: Callable[[], None] = lambda: None,
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
         self._client = client
         self._handler = handler
+        self._after_ack = after_ack
         self._sleep = sleep
         self._results: dict[str, tuple[str, str]] = {}
         """Outcome per command id already handled (kept so a redelivery is only re-acked)."""
@@ -61,4 +63,5 @@ class CommandListener:
                 log.exception("Command %s (%s) failed", command_id, kind)
                 self._results[command_id] = ("failed", f"{type(exc).__name__}: {exc}")
         outcome, detail = self._results[command_id]
-        await self._client.ack_command(command_id, outcome, detail)
+        if await self._client.ack_command(command_id, outcome, detail):
+            self._after_ack()

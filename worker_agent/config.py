@@ -76,6 +76,10 @@ class AgentConfig:
     port: int = 8002
     """Port of the agent's own ``/info`` server (``WORKER_AGENT_PORT``)."""
 
+    info_server: bool = True
+    """Serve ``/info`` (``WORKER_AGENT_INFO_SERVER=off``: no listening socket at all; the
+    same facts travel in every heartbeat)."""
+
     model_revision: str | None = None
     """Branch, tag or commit of the model (``WORKER_AGENT_MODEL_REVISION``, vLLM ``--revision``)."""
 
@@ -90,8 +94,9 @@ class AgentConfig:
     """Context length (``WORKER_AGENT_MAX_MODEL_LEN``); ``None``: the model's own."""
 
     download_dir: str | None = None
-    """Absolute directory for model weights (``WORKER_AGENT_DOWNLOAD_DIR``); ``None``: the
-    Hugging Face cache (``HF_HOME`` or ``~/.cache/huggingface``)."""
+    """Directory for model weights (``WORKER_AGENT_DOWNLOAD_DIR``; absolute with docker, else
+    relative to the agent's working directory); ``None``: the Hugging Face cache (``HF_HOME``
+    or ``~/.cache/huggingface``)."""
 
     vllm_args: tuple[str, ...] = ()
     """Extra ``vllm serve`` arguments, shell-split (``WORKER_AGENT_VLLM_ARGS``), e.g.
@@ -155,9 +160,12 @@ def load_config(environ: Mapping[str, str]) -> AgentConfig:
         problems.append("WORKER_AGENT_RUNTIME=docker needs WORKER_AGENT_ENGINE=vllm")
     sim_fail = reader.choice("SIM_FAIL", ("", *SIM_FAILURES), "") or None
     download_dir = reader.optional("DOWNLOAD_DIR")
-    if download_dir is not None and not posixpath.isabs(download_dir):
+    if runtime == "docker" and download_dir is not None and not posixpath.isabs(download_dir):
         # docker -v would take a relative path for a named volume
-        problems.append(f"WORKER_AGENT_DOWNLOAD_DIR must be an absolute path, got {download_dir!r}")
+        problems.append(
+            f"WORKER_AGENT_DOWNLOAD_DIR must be an absolute path with the docker runtime, "
+            f"got {download_dir!r}"
+        )
     vllm_args = _vllm_args(environ.get("WORKER_AGENT_VLLM_ARGS", ""), problems)
     config = AgentConfig(
         control_plane_url=url,
@@ -169,6 +177,7 @@ def load_config(environ: Mapping[str, str]) -> AgentConfig:
         engine_port=reader.port("ENGINE_PORT", 8001),
         host=environ.get("WORKER_AGENT_HOST", "").strip() or "127.0.0.1",
         port=reader.port("PORT", 8002),
+        info_server=reader.choice("INFO_SERVER", ("on", "off"), "on") == "on",
         model_revision=reader.optional("MODEL_REVISION"),
         tensor_parallel_size=reader.integer("TENSOR_PARALLEL_SIZE", 1, minimum=1),
         gpu_memory_utilization=reader.fraction("GPU_MEMORY_UTILIZATION"),

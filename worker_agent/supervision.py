@@ -2,7 +2,8 @@
 
 The rules are pure and fed from outside (``HangMonitor`` takes metric samples, probe outcomes
 and a clock; ``restart_delay`` a count) so that tests drive them without processes or time.
-``watch_boot`` and ``watch_for_hang`` are the I/O that feeds them from a live engine.
+``watch_boot``, ``watch_running`` (exit or hang), ``watch_for_hang`` and ``wait_idle`` (a
+drain) are the I/O that feeds them from a live engine.
 
 A hung vLLM keeps answering ``/health`` 200, so health alone cannot tell; two signs can:
 
@@ -17,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import httpx
 
+from worker_agent.config import AgentConfig
 from worker_agent.engine import EngineHTTP, EngineProcess
 from worker_agent.engine_log import Phase, failure_summary
 
@@ -27,6 +30,7 @@ log = logging.getLogger("worker_agent.supervision")
 
 PROBE_SECONDS = 0.25
 FAILURE_GRACE_SECONDS = 10.0
+EXIT_OUTPUT_SECONDS = 2.0
 RESTART_BASE_SECONDS = 0.5
 RESTART_CAP_SECONDS = 30.0
 BOOT_LOG_PHASES = ((Phase.ENGINE_STARTED, "engine_started"), (Phase.MODEL_LOADED, "model_loaded"))
@@ -84,6 +88,10 @@ class HangMonitor:
         last one finished)."""
         return not self._probing and now >= self._next_probe
 
+    def next_probe_in(self, now: float) -> float | None:
+        """Seconds until the next probe is due; ``None`` while one is in flight."""
+        return None if self._probing else max(0.0, self._next_probe - now)
+
     def probe_started(self) -> None:
         self._probing = True
 
@@ -95,6 +103,56 @@ class HangMonitor:
         if timed_out:
             return f"a one-token completion got no answer within {detail}"
         return None
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What went wrong with a running engine, as an event for the control plane."""
+
+    kind: str
+    """``engine_crashed`` or ``engine_hung``."""
+    message: str
+    data: dict
+
+
+async def watch_running(
+    engine: EngineProcess,
+    http: EngineHTTP,
+    config: AgentConfig,
+    *,
+    restarts: int,
+    paused: Callable[[], bool] = lambda: False,
+) -> Problem | None:
+    """Wait until a ready ``engine`` exits or hangs; ``None`` if it was stopped on purpose
+    (``engine.stop_requested``)."""
+    exited = asyncio.create_task(engine.wait())
+    hung = asyncio.create_task(
+        watch_for_hang(
+            http,
+            config.served_model_name,
+            stall_seconds=config.stall_seconds,
+            probe_interval_seconds=config.probe_interval_seconds,
+            probe_timeout_seconds=config.probe_timeout_seconds,
+            paused=paused,
+        )
+    )
+    try:
+        done, _ = await asyncio.wait({exited, hung}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (exited, hung):
+            task.cancel()
+        await asyncio.gather(exited, hung, return_exceptions=True)
+    if engine.stop_requested:
+        return None
+    data = {"pid": engine.pid, "restarts": restarts}
+    if exited in done:
+        await engine.wait_closed(EXIT_OUTPUT_SECONDS)  # the last lines explain the exit
+        code = engine.returncode
+        detail = failure_summary(engine.failures) or f"last log line: {engine.last_line}"
+        data |= {"exit_code": code, "last_line": engine.last_line[-500:]}
+        return Problem("engine_crashed", f"Engine exited with code {code}: {detail}", data)
+    reason = hung.result()
+    return Problem("engine_hung", f"Engine hung: {reason}", data | {"reason": reason})
 
 
 async def watch_for_hang(
@@ -133,7 +191,11 @@ async def watch_for_hang(
             if probe is None and not paused() and monitor.probe_due(loop.time()):
                 monitor.probe_started()
                 probe = asyncio.create_task(_probe(http, model, probe_timeout_seconds))
-            await asyncio.sleep(sample_seconds)
+            if probe is not None:  # wake when it ends
+                await asyncio.wait({probe}, timeout=sample_seconds)
+            else:
+                due = monitor.next_probe_in(loop.time())
+                await asyncio.sleep(sample_seconds if due is None else min(sample_seconds, due))
     finally:
         if probe is not None:
             probe.cancel()
@@ -150,6 +212,26 @@ async def _probe(http: EngineHTTP, model: str, timeout: float) -> str | None:
         log.warning("Probe completion failed: %s", exc)
         return f"error: {exc}"
     return f"answered in {seconds:.2f}s"
+
+
+async def wait_idle(
+    http: EngineHTTP, engine: EngineProcess, bound: float, poll_seconds: float
+) -> tuple[int, int]:
+    """Poll ``/metrics`` until no request runs or waits, the engine exits, or ``bound``
+    seconds pass; return the requests in flight at the first answer and at the end."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound
+    first: int | None = None
+    while True:
+        sample = await http.metrics()
+        running = sample.get("num_requests_running")
+        waiting = sample.get("num_requests_waiting")
+        in_flight = None if running is None or waiting is None else int(running + waiting)
+        if first is None and in_flight is not None:
+            first = in_flight
+        if in_flight == 0 or not engine.alive or loop.time() >= deadline:
+            return first or 0, in_flight or 0
+        await asyncio.sleep(min(poll_seconds, max(0.0, deadline - loop.time())))
 
 
 async def watch_boot(

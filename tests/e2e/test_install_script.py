@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -71,6 +72,7 @@ async def test_install_runs_the_agent_to_ready_upgrades_in_place_and_uninstalls(
         env = sourced(env_file)
         assert env["WORKER_AGENT_TOKEN"] and env["WORKER_AGENT_CONTROL_PLANE_URL"] == cp.url
         assert env["WORKER_AGENT_ENGINE"] == "simulated" and env["WORKER_AGENT_NOTE"] == note
+        assert not (prefix / "agent.env.tmp").exists()
         for secret in (join["token"], env["WORKER_AGENT_TOKEN"]):
             assert secret not in first.output
         instance_id = env["WORKER_AGENT_INSTANCE_ID"]
@@ -97,27 +99,39 @@ async def test_install_runs_the_agent_to_ready_upgrades_in_place_and_uninstalls(
         assert env_file.read_text() == settings_before
         pids.append(int(pid_file.read_text()))
         assert pids[1] != pids[0] and not alive(pids[0]) and alive(pids[1])
+        assert pids[1] in running_from(prefix)  # the venv's interpreter runs the agent
         assert env["WORKER_AGENT_TOKEN"] not in second.output
+        agent_log = (prefix / "agent.log").read_text()
+        assert instance_id in agent_log  # it is the agent's log, and it was written
+        assert join["token"] not in agent_log and env["WORKER_AGENT_TOKEN"] not in agent_log
     finally:
         removed = await run_script(SCRIPT.read_bytes(), "--uninstall", "--no-systemd",
                                    "--prefix", str(prefix))
-        kill_leftovers(pids, pid_file)
+        leftovers = running_from(prefix)
+        for pid in leftovers:  # the fallback: nothing the test started outlives it
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert removed.returncode == 0, removed.output
     assert not env_file.exists() and not (prefix / "venv").exists() and not pid_file.exists()
-    assert not any(alive(pid) for pid in pids)
+    assert leftovers == [], "processes (agent, engine) left running after --uninstall"
 
 
 async def test_a_tampered_artifact_is_refused_before_anything_changes(control_plane, tmp_path):
     cp = control_plane
     async with cp.client() as client:
         join = await create_join_token(client)
-    prefix = tmp_path / "agent"
+    prefix, scratch = tmp_path / "agent", tmp_path / "tmp"
+    scratch.mkdir()
     with FrontServer(cp.url, tamper=True) as front:
         result = await run_script(SCRIPT.read_bytes(), "--control-plane", front.url,
                                   "--token", join["token"], "--no-systemd", "--no-gpu",
-                                  "--prefix", str(prefix), "--python", sys.executable)
+                                  "--prefix", str(prefix), "--python", sys.executable,
+                                  tmpdir=scratch)
     assert result.returncode != 0, result.output
-    assert "checksum mismatch" in result.stderr and current_release().sha256 in result.stderr
+    assert "checksum mismatch" in result.stderr
+    assert f"expected sha256 {current_release().sha256}" in result.stderr
+    assert f"got {front.served_sha256}" in result.stderr
+    assert list(scratch.iterdir()) == []  # the download was cleaned up
     assert front.paths[:2] == ["/v1/agent/manifest", f"/v1/agent/artifact/{current_release().filename}"]
     assert "/v1/agent/register" not in front.paths
     assert not prefix.exists()  # no venv, no env file, no pid file
@@ -136,11 +150,13 @@ async def test_a_spent_join_token_is_refused_with_a_clear_message(control_plane,
         first = await host.post("/v1/agent/register", json={"hostname": "first-host", "gpus": []})
         assert first.status_code == 201, first.text
 
-    prefix = tmp_path / "second-host"
+    prefix, scratch = tmp_path / "second-host", tmp_path / "tmp"
+    scratch.mkdir()
     result = await run_script(SCRIPT.read_bytes(), "--control-plane", cp.url, "--token", join["token"],
                               "--no-systemd", "--no-gpu", "--prefix", str(prefix),
-                              "--python", sys.executable)
+                              "--python", sys.executable, tmpdir=scratch)
     assert result.returncode != 0, result.output
+    assert list(scratch.iterdir()) == []
     assert "HTTP 401" in result.stderr and SPENT_MESSAGE in result.stderr
     assert join["token"] not in result.output
     assert not prefix.exists()
@@ -183,6 +199,26 @@ async def test_a_missing_prerequisite_fails_clearly_before_downloading_anything(
     assert not prefix.exists()
 
 
+AS_NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups") if os.geteuid() == 0 else ()
+
+
+@pytest.mark.skipif(bool(AS_NOBODY) and shutil.which("setpriv") is None,
+                    reason="running as root and setpriv (util-linux) is missing: cannot drop to nobody")
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--no-systemd"], "--prefix /worker-agent-install-test/agent is not writable by"),
+    ([], "run as root (curl ... | sudo bash -s -- ...)"),
+], ids=["prefix-not-writable", "systemd-needs-root"])
+async def test_non_root_needs_no_systemd_and_a_writable_prefix(flags, message):
+    with FrontServer(None) as front:
+        result = await run_script(SCRIPT.read_bytes(), "--control-plane", front.url,
+                                  "--token", "cpj_never_sent", "--no-gpu",
+                                  "--prefix", "/worker-agent-install-test/agent", *flags,
+                                  runner=AS_NOBODY)
+    assert result.returncode != 0, result.output
+    assert message in result.stderr
+    assert front.paths == []
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 @dataclass
@@ -196,18 +232,24 @@ class Result:
         return self.stdout + self.stderr
 
 
-async def run_script(script: bytes, *args: str, timeout: float = 150) -> Result:
-    """`... | bash -s -- ARGS`, as the install command runs it."""
+async def run_script(script: bytes, *args: str, tmpdir: Path | None = None,
+                     runner: tuple[str, ...] = (), timeout: float = 150) -> Result:
+    """`... | bash -s -- ARGS`, as the install command runs it (`runner`: e.g. another user)."""
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+    if tmpdir is not None:
+        env["TMPDIR"] = str(tmpdir)
     proc = await asyncio.create_subprocess_exec(
-        "bash", "-s", "--", *args, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE, env=env)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(script), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
+        *runner, "bash", "-s", "--", *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        start_new_session=True)
+    talk = asyncio.ensure_future(proc.communicate(script))
+    done, _ = await asyncio.wait({talk}, timeout=timeout)
+    if not done:
+        os.killpg(proc.pid, signal.SIGKILL)  # bash and its children (pip, curl); not the agent
+        out, err = await talk
+        raise AssertionError(f"install.sh did not finish within {timeout} s:\n"
+                             f"{out.decode()}{err.decode()}")
+    out, err = talk.result()
     return Result(proc.returncode, out.decode(), err.decode())
 
 
@@ -243,14 +285,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def kill_leftovers(pids: list[int], pid_file: Path) -> None:
-    """Fallback if the uninstall failed: no agent (or its engine) outlives the test."""
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        pids.append(int(pid_file.read_text()))
-    for pid in pids:
-        if alive(pid) and "worker_agent" in Path(f"/proc/{pid}/cmdline").read_text():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)  # the script starts it in its own session
+def running_from(prefix: Path) -> list[int]:
+    """Live processes started from the install's venv: the agent, its engine, any fork."""
+    venv = f"{prefix}/venv/bin/".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "cmdline").read_bytes().startswith(venv) and alive(int(proc.name)):
+                    found.append(int(proc.name))
+    return found
 
 
 class FrontServer:
@@ -261,6 +305,7 @@ class FrontServer:
     def __init__(self, upstream: str | None, *, tamper: bool = False) -> None:
         self.upstream, self.tamper = upstream, tamper
         self.paths: list[str] = []
+        self.served_sha256: str | None = None
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         front = self
@@ -303,6 +348,7 @@ class FrontServer:
             changed = bytearray(content)
             changed[len(changed) // 2] ^= 0x01
             content = bytes(changed)
+            self.served_sha256 = hashlib.sha256(content).hexdigest()
         return answer.status_code, answer.headers.get("content-type", "application/octet-stream"), content
 
     def __enter__(self) -> FrontServer:

@@ -104,13 +104,19 @@ class _Knobs:
 
 
 def _knobs(environ: Mapping[str, str], parser: argparse.ArgumentParser) -> _Knobs:
-    """The ``SIMULATED_VLLM_*`` variables; a bad one ends the process like a bad flag (2)."""
-    numbers = []
-    for name, default in (
+    """The ``SIMULATED_VLLM_*`` variables; a bad or unknown one (a typo would silently keep
+    the default) ends the process like a bad flag (exit code 2)."""
+    numeric = (
         ("SIMULATED_VLLM_BOOT_SECONDS", 5.0),
         ("SIMULATED_VLLM_FAIL_AFTER_SECONDS", 5.0),
         ("SIMULATED_VLLM_TOKEN_SECONDS", TOKEN_SECONDS),
-    ):
+    )
+    known = {name for name, _ in numeric} | {"SIMULATED_VLLM_FAIL"}
+    unknown = sorted(k for k in environ if k.startswith("SIMULATED_VLLM_") and k not in known)
+    if unknown:
+        parser.error(f"unknown simulation variables {', '.join(unknown)}")
+    numbers = []
+    for name, default in numeric:
         raw = environ.get(name, "").strip()
         try:
             value = float(raw) if raw else default

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from worker_agent.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, valid
+
 REPO = Path(__file__).resolve().parents[3]
 TOKEN = "agent-test-token-6f1c"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -39,6 +41,8 @@ class Call:
     authorization: str | None
     body: dict
     status: int
+    signed_with: str | None = None
+    """The token the request's signature verifies with (``TOKEN``), else ``None``."""
 
 
 @dataclass
@@ -64,11 +68,13 @@ class StubControlPlane:
         with self.lock:
             return [c for c in self.calls if c.path == "/v1/agent/heartbeat"]
 
-    def answer(self, path: str, authorization: str | None, body: dict) -> int:
+    def answer(
+        self, path: str, authorization: str | None, body: dict, signed_with: str | None = None
+    ) -> int:
         with self.lock:
             statuses = self.script.get(body.get("phase", ""), [])
             status = statuses.pop(0) if statuses and path.endswith("/progress") else 200
-            self.calls.append(Call(path, authorization, body, status))
+            self.calls.append(Call(path, authorization, body, status, signed_with))
             return status
 
 
@@ -82,7 +88,9 @@ def _handler(stub: StubControlPlane) -> type[BaseHTTPRequestHandler]:
                 body = json.loads(raw)
             except ValueError:
                 body = {"unparsable": raw.decode(errors="replace")}
-            status = stub.answer(self.path, self.headers.get("Authorization"), body)
+            status = stub.answer(
+                self.path, self.headers.get("Authorization"), body, _signed_with(self, raw)
+            )
             payload = b"{}"
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -94,6 +102,18 @@ def _handler(stub: StubControlPlane) -> type[BaseHTTPRequestHandler]:
             pass
 
     return Handler
+
+
+def _signed_with(handler: BaseHTTPRequestHandler, raw: bytes) -> str | None:
+    """``TOKEN`` if the request carries a valid ``signing`` signature made with it."""
+    headers = handler.headers
+    parts = [headers.get(h) for h in (TIMESTAMP_HEADER, NONCE_HEADER, SIGNATURE_HEADER)]
+    if None in parts:
+        return None
+    timestamp, nonce, given = parts
+    return (
+        TOKEN if valid(TOKEN, handler.command, handler.path, timestamp, nonce, raw, given) else None
+    )
 
 
 @pytest.fixture

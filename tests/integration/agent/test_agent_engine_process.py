@@ -62,3 +62,48 @@ async def test_stop_escalates_to_sigkill_for_the_whole_group() -> None:
 
     assert not pid_alive(engine.pid)
     await wait_until(lambda: not pid_alive(worker), "the worker to be killed", seconds=5)
+
+
+ENGINE_IGNORING_SIGTERM = (
+    "import os, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    "signal.signal(signal.SIGUSR1, lambda *_: sys.exit(0)); "
+    "open(sys.argv[1], 'w').write(str(os.getpid())); print('up', flush=True); time.sleep(60)"
+)
+STOPPER = (  # stands in for `docker stop`: records its arguments, asks the engine to exit
+    "import os, signal, sys; open(sys.argv[2], 'w').write(' '.join(sys.argv[1:])); "
+    "os.kill(int(open(sys.argv[1]).read()), signal.SIGUSR1)"
+)
+
+
+async def test_a_stop_command_is_used_instead_of_sigterm(tmp_path: Path) -> None:
+    pid_file, record = tmp_path / "pid", tmp_path / "stop-args"
+    engine = EngineProcess(
+        [sys.executable, "-c", ENGINE_IGNORING_SIGTERM, str(pid_file)],
+        os.environ,
+        stop_command=[sys.executable, "-c", STOPPER, str(pid_file), str(record)],
+    )
+    await engine.start()
+    await wait_until(lambda: "up" in engine.tail, "the engine to be up")
+
+    assert await engine.stop(grace=30) == 0  # exited on its own: not killed
+
+    assert record.read_text() == f"{pid_file} {record}"
+    assert engine.stop_requested
+
+
+async def test_a_failing_stop_command_falls_back_to_sigterm_then_kill(tmp_path: Path) -> None:
+    pid_file, killed = tmp_path / "pid", tmp_path / "killed"
+    ignore_all = ENGINE_IGNORING_SIGTERM.replace("lambda *_: sys.exit(0)", "signal.SIG_IGN")
+    engine = EngineProcess(
+        [sys.executable, "-c", ignore_all, str(pid_file)],
+        os.environ,
+        stop_command=[sys.executable, "-c", "raise SystemExit(1)"],
+        kill_command=[sys.executable, "-c", f"open({str(killed)!r}, 'w').write('yes')"],
+    )
+    await engine.start()
+    await wait_until(lambda: "up" in engine.tail, "the engine to be up")
+
+    assert await engine.stop(grace=0.5) == -9
+
+    assert killed.read_text() == "yes"  # e.g. `docker kill`: the container is not our child
+    assert not pid_alive(engine.pid)

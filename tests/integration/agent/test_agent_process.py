@@ -17,6 +17,13 @@ from worker_agent.metrics import VLLM_METRICS, vllm_summary
 BOOT_PHASES = ["engine_started", "model_loaded", "warmup_done", "health_check_passed"]
 
 
+def running_beat(control_plane):
+    """The first heartbeat sent once the engine ran, or ``None``."""
+    return next(
+        (h for h in control_plane.heartbeats() if h.body["engine"]["state"] == "running"), None
+    )
+
+
 async def test_boot_progress_info_heartbeats_engine_api_and_clean_stop(
     control_plane, run_agent
 ) -> None:
@@ -29,7 +36,7 @@ async def test_boot_progress_info_heartbeats_engine_api_and_clean_stop(
     assert [c.body["phase"] for c in attempts] == ["engine_started", *BOOT_PHASES]
     assert attempts[0].status == 503
     assert control_plane.phases() == BOOT_PHASES
-    assert {c.authorization for c in attempts} == {f"Bearer {TOKEN}"}
+    assert {c.signed_with for c in attempts} == {TOKEN}
     messages = {c.body["phase"]: c.body["message"] for c in control_plane.progress()}
     assert messages["model_loaded"].startswith("Model loading took")
     assert MODEL in messages["health_check_passed"]
@@ -46,8 +53,8 @@ async def test_boot_progress_info_heartbeats_engine_api_and_clean_stop(
     }
     assert isinstance(engine_pid, int) and pid_alive(engine_pid)
 
-    beat = (await wait_until(control_plane.heartbeats, "a heartbeat"))[0]
-    assert beat.authorization == f"Bearer {TOKEN}"
+    beat = await wait_until(lambda: running_beat(control_plane), "a heartbeat once running")
+    assert beat.signed_with == TOKEN
     assert beat.body["agent_info"] == {
         "version": AGENT_VERSION,
         "build_date": AGENT_BUILD_DATE,
@@ -124,7 +131,12 @@ async def test_failing_engine_boot_reports_failed_with_the_kv_cache_error(
     async with httpx.AsyncClient(trust_env=False) as client:
         info = (await client.get(agent.info_url)).json()
     assert info["engine"] == {"state": "failed", "pid": None}
-    assert control_plane.heartbeats() == []
+    await wait_until(
+        lambda: control_plane.heartbeats()[-1].body["engine"]["state"] == "failed",
+        "a heartbeat saying failed",
+    )  # heartbeats go on: the agent is alive, and can be told to restart the engine
+    states = [h.body["engine"]["state"] for h in control_plane.heartbeats()]
+    assert "booting" in states and states.index("booting") < states.index("failed")
     assert not port_open(agent.engine_port)  # the engine never bound its port
 
     assert await agent.terminate() == 0
@@ -134,8 +146,8 @@ async def test_failing_engine_boot_reports_failed_with_the_kv_cache_error(
 async def test_engine_crash_after_ready_is_reported_and_restarted(control_plane, run_agent) -> None:
     agent = await run_agent(sim_boot_seconds="0.5", heartbeat_seconds="0.2")
     await wait_until(lambda: "health_check_passed" in control_plane.phases(), "boot", seconds=20)
-    first = await wait_until(control_plane.heartbeats, "a heartbeat")
-    first_pid = first[0].body["engine"]["pid"]
+    first = await wait_until(lambda: running_beat(control_plane), "a heartbeat once running")
+    first_pid = first.body["engine"]["pid"]
 
     os.kill(first_pid, signal.SIGKILL)
 
@@ -165,10 +177,17 @@ async def test_engine_crash_after_ready_is_reported_and_restarted(control_plane,
 
 
 async def test_sigterm_during_boot_stops_the_engine_and_exits_0(control_plane, run_agent) -> None:
-    agent = await run_agent(sim_boot_seconds="60")
+    agent = await run_agent(sim_boot_seconds="60", heartbeat_seconds="0.2")
     await wait_until(lambda: "engine_started" in control_plane.phases(), "engine_started")
     engine_pid = agent.engine_pids()[0]
     assert pid_alive(engine_pid)
+    # the control plane sees the agent alive while the model loads
+    booting = await wait_until(
+        lambda: [h for h in control_plane.heartbeats() if h.body["engine"]["state"] == "booting"],
+        "a heartbeat during the boot",
+    )
+    assert booting[-1].body["engine"]["pid"] == engine_pid
+    assert booting[-1].body["metrics"]["vllm"] == {}
 
     assert await agent.terminate() == 0
 

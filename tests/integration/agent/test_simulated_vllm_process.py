@@ -192,7 +192,9 @@ async def ready(lines: list[str]) -> None:
 
 async def test_crash_exits_non_zero_after_ready_with_vllm_engine_dead_lines(start) -> None:
     port = free_port()
-    proc, lines = await start("--port", str(port), boot_seconds="0", fail="crash", fail_after="0.3")
+    proc, lines = await start(
+        "--port", str(port), boot_seconds="0", fail="crash", fail_after_seconds="0.3"
+    )
     await ready(lines)
 
     assert await finish(proc) == 1
@@ -207,7 +209,7 @@ async def test_crash_exits_non_zero_after_ready_with_vllm_engine_dead_lines(star
 async def test_hang_keeps_health_but_answers_nothing_and_counters_stay_flat(start) -> None:
     port = free_port()
     proc, lines = await start(
-        "--port", str(port), "--shutdown-timeout", "1", boot_seconds="0", fail="hang", fail_after="2"
+        "--port", str(port), "--shutdown-timeout", "1", boot_seconds="0", fail="hang", fail_after_seconds="2"
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     request = {"model": MODEL, "prompt": "hello", "max_tokens": 2}
@@ -310,8 +312,16 @@ async def test_sigterm_with_the_default_shutdown_timeout_drops_in_flight_request
     assert "[DONE]" not in events
 
 
-async def test_bad_simulation_knobs_exit_2(start) -> None:
-    proc, lines = await start("--port", str(free_port()), fail="melt")
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [
+        ({"fail": "melt"}, "SIMULATED_VLLM_FAIL must be one of kv_cache, crash, hang"),
+        ({"boot_seconds": "-1"}, "SIMULATED_VLLM_BOOT_SECONDS must be a number >= 0"),
+        ({"fail_after": "1"}, "unknown simulation variables SIMULATED_VLLM_FAIL_AFTER"),
+    ],
+)
+async def test_bad_simulation_knobs_exit_2(start, knobs: dict, message: str) -> None:
+    proc, lines = await start("--port", str(free_port()), **knobs)
 
     assert await finish(proc) == 2
-    assert any("SIMULATED_VLLM_FAIL must be one of kv_cache, crash, hang" in line for line in lines)
+    assert any(message in line for line in lines)

@@ -154,7 +154,6 @@ def test_engine_options_are_validated_at_once() -> None:
                 "WORKER_AGENT_TENSOR_PARALLEL_SIZE": "0",
                 "WORKER_AGENT_GPU_MEMORY_UTILIZATION": "1.5",
                 "WORKER_AGENT_MAX_MODEL_LEN": "4k",
-                "WORKER_AGENT_DOWNLOAD_DIR": "models",
                 "WORKER_AGENT_RUNTIME": "podman",
                 "WORKER_AGENT_SHUTDOWN_TIMEOUT_SECONDS": "2.5",
                 "WORKER_AGENT_DRAIN_TIMEOUT_SECONDS": "-1",
@@ -167,7 +166,6 @@ def test_engine_options_are_validated_at_once() -> None:
 
     assert caught.value.problems == [
         "WORKER_AGENT_RUNTIME must be one of process, docker, got 'podman'",
-        "WORKER_AGENT_DOWNLOAD_DIR must be an absolute path, got 'models'",
         "WORKER_AGENT_TENSOR_PARALLEL_SIZE must be a whole number >= 1, got '0'",
         "WORKER_AGENT_GPU_MEMORY_UTILIZATION must be a number in (0, 1], got '1.5'",
         "WORKER_AGENT_MAX_MODEL_LEN must be a whole number >= 1, got '4k'",
@@ -191,11 +189,18 @@ def test_gpu_memory_utilization_must_be_a_share(value: str) -> None:
     )
 
 
-def test_docker_runtime_needs_the_real_engine() -> None:
+def test_docker_runtime_needs_the_real_engine_and_an_absolute_download_dir() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_config(REQUIRED | {"WORKER_AGENT_RUNTIME": "docker"})
+        load_config(
+            REQUIRED | {"WORKER_AGENT_RUNTIME": "docker", "WORKER_AGENT_DOWNLOAD_DIR": "models"}
+        )
 
-    assert caught.value.problems == ["WORKER_AGENT_RUNTIME=docker needs WORKER_AGENT_ENGINE=vllm"]
+    assert caught.value.problems == [
+        "WORKER_AGENT_RUNTIME=docker needs WORKER_AGENT_ENGINE=vllm",
+        "WORKER_AGENT_DOWNLOAD_DIR must be an absolute path with the docker runtime, got 'models'",
+    ]
+    process = load_config(REQUIRED | {"WORKER_AGENT_DOWNLOAD_DIR": "models"})
+    assert process.download_dir == "models"  # vLLM resolves it against the agent's directory
 
 
 def test_vllm_args_must_not_set_what_the_agent_sets() -> None:

@@ -4,7 +4,7 @@ engine's environment. Docker is not installed here: its command lines are checke
 import sys
 
 from worker_agent.config import load_config
-from worker_agent.engine import engine_env, engine_launch, vllm_serve_args
+from worker_agent.engine_command import engine_env, engine_launch, vllm_serve_args
 from worker_agent.integrity import PACKAGE_ROOT
 
 BASE = {

@@ -73,13 +73,16 @@ def test_probes_are_due_one_at_a_time_an_interval_after_the_last_one() -> None:
     m = monitor(interval=30)
 
     assert not m.probe_due(1029.9)
+    assert m.next_probe_in(1020) == 10
     assert m.probe_due(1030)
     m.probe_started()
     assert not m.probe_due(1100)  # still in flight
+    assert m.next_probe_in(1100) is None
 
     assert m.probe_finished(1031, timed_out=False, detail="answered in 0.05s") is None
     assert not m.probe_due(1060.9)
     assert m.probe_due(1061)
+    assert m.next_probe_in(1070) == 0
 
 
 def test_an_unanswered_probe_is_a_hang_an_error_answer_is_not() -> None:
