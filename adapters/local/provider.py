@@ -110,7 +110,7 @@ class LocalProvider(ProviderAdapter):
         python: str = sys.executable,
         stop_grace_seconds: float = 10.0,
     ) -> None:
-        self._store = Store(Path(root))
+        self._store = Store(Path(root).resolve())  # agents run elsewhere: no relative paths
         self._cluster = cluster
         self._boot_seconds = boot_seconds
         self._model_cache = model_cache

@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from worker_agent.config import RESERVED_VLLM_ARGS
+
 SCHEMA_FILE = Path(__file__).with_name("command.schema.json")
 NAMESPACE = uuid.UUID("9b0f6f2e-6c1a-4a53-9a53-2f1d1b0c8e11")
 # End of input in both Python and JavaScript regexes (`$` also matches before a final "\n").
@@ -48,6 +50,13 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     served_model_name: Name | None = None
     """Name clients use (--served-model-name); default: the model id."""
     extra_args: Annotated[list[EngineArg], msgspec.Meta(max_length=64, description="Further `vllm serve` arguments, one per item")] = []
+
+    def __post_init__(self) -> None:
+        for arg in self.extra_args:
+            option = arg.split("=", 1)[0]
+            if option in RESERVED_VLLM_ARGS:  # the agent would refuse to start
+                raise ValueError(f"extra_args must not set {option}: the agent sets it"
+                                 " (use the model_spec field for it)")
 
 
 class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ import json
 import uuid
 from typing import Any
 
+import msgspec
 import pytest
 
 from control_plane.commands.schema import (
@@ -368,3 +369,31 @@ def test_samples_against_json_schema_file() -> None:
         with pytest.raises(InvalidCommand):
             decode(json.dumps(doc))
         assert not validator.is_valid(doc), doc
+
+
+# ---------------------------------------------------------------------------------------------
+# Model spec: how vLLM serves the model
+
+
+def test_model_spec_defaults_and_full_form() -> None:
+    assert decode(json.dumps(create())).payload.model_spec.tensor_parallel_size == 1
+    spec = {"revision": "v1.2", "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85,
+            "max_model_len": 8192, "served_model_name": "qwen", "extra_args": ["--enforce-eager", "--seed=1"]}
+    decoded = decode(json.dumps(create(model_spec=spec))).payload.model_spec
+    assert msgspec.to_builtins(decoded) == spec
+
+
+@pytest.mark.parametrize(("spec", "fragment"), [
+    ({"extra_args": ["--max-model-len=4096"]}, "must not set --max-model-len"),
+    ({"extra_args": ["-tp", "2"]}, "must not set -tp"),
+    ({"extra_args": ["--port", "1"]}, "must not set --port"),
+    ({"extra_args": ["--x\n--port=1"]}, "extra_args"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size"),
+    ({"revision": "../main"}, "revision"),
+    ({"unknown": 1}, "unknown"),
+])
+def test_model_spec_refuses_what_the_agent_could_not_run(spec: dict, fragment: str) -> None:
+    with pytest.raises(InvalidCommand) as info:
+        decode(json.dumps(create(model_spec=spec)))
+    assert fragment in str(info.value)
