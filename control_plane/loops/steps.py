@@ -222,7 +222,7 @@ class Steps:
                 await _record_volumes(session, row.id, volumes)
             result = await self._act(row, "PROVIDER_TERMINATE", adapter.terminate(pid))
             return result if isinstance(result, Next) else NOW
-        else:
+        elif adapter.owns_machines:  # a released host keeps running: nothing to wait for
             machine = await self._call(row, adapter.describe(pid))
             if machine is not None and machine.state != "terminated":
                 return Next(1.0)
