@@ -32,8 +32,6 @@ from control_plane.settings import Settings
 
 BOOT_STATUSES = ("provisioning", "booting")
 LIVE_STATUSES = ("provisioning", "booting", "ready", "draining", "terminating")
-AGENT_COMMAND_CHANNEL = "cp_agent_commands"
-"""NOTIFY channel (payload: instance id) that wakes an agent's command stream."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,8 +215,7 @@ async def enqueue_command(session: AsyncSession, instance_id: uuid.UUID, kind: s
         text("INSERT INTO agent_commands (id, instance_id, kind, args, reason)"
              " VALUES (:id, :i, :k, CAST(:a AS jsonb), :r)"),
         {"id": command_id, "i": instance_id, "k": kind, "a": _json(args or {}), "r": reason})
-    await session.execute(text("SELECT pg_notify(:c, :p)"),
-                          {"c": AGENT_COMMAND_CHANNEL, "p": str(instance_id)})
+    # The feed event is also what wakes the agent's command stream (`api/agent.py`).
     await emit(session, "agent.command",
                {"instance_id": str(instance_id), "command_id": str(command_id), "kind": kind,
                 "message": f"{kind} sent to the agent" + (f": {reason}" if reason else "")},

@@ -295,14 +295,23 @@ start_background() {
 
 # Wait until the agent answers /info with the verified checksum; fail early if it exits.
 wait_until_serving() {
-	local hostport info deadline=$((SECONDS + START_TIMEOUT))
-	hostport=$(
+	local settings info deadline=$((SECONDS + START_TIMEOUT))
+	settings=$(
 		set -a
 		# shellcheck source=/dev/null
 		. "$env_file"
-		printf '%s %s' "${WORKER_AGENT_HOST:-127.0.0.1}" "${WORKER_AGENT_PORT:-8002}"
+		printf '%s %s %s' "${WORKER_AGENT_INFO_SERVER:-on}" "${WORKER_AGENT_HOST:-127.0.0.1}" "${WORKER_AGENT_PORT:-8002}"
 	)
-	local host=${hostport% *} port=${hostport#* }
+	local info_server host port
+	read -r info_server host port <<<"$settings"
+	if [[ $info_server == off ]]; then
+		# No /info to ask (WORKER_AGENT_INFO_SERVER=off): its heartbeats tell the control plane.
+		if [[ $systemd == 0 ]] && ! alive "$agent_pid"; then
+			die "the agent exited at start ($(where_logs))"
+		fi
+		say "Worker agent $version started; follow its progress on the control plane"
+		return
+	fi
 	case $host in
 	0.0.0.0 | "") host=127.0.0.1 ;;
 	::) host="[::1]" ;;

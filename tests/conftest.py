@@ -124,7 +124,7 @@ class RunningControlPlane:
         await self.runtime.seed_admin_key()
         self._server = uvicorn.Server(uvicorn.Config(
             create_app(self.runtime), host="127.0.0.1", port=self.settings.port,
-            log_config=None, access_log=False, lifespan="off"))
+            log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=10))
         self._serving = asyncio.create_task(self._server._serve())
         await eventually(self._started, timeout=10, message="HTTP server start")
         return self
@@ -161,6 +161,7 @@ class RunningControlPlane:
 
     async def __aexit__(self, *exc: Any) -> None:
         if self._server is not None:
+            self.runtime.hub.close_streams()
             self._server.should_exit = True
             await asyncio.wait_for(self._serving, 15)
         await self._kill_machines()

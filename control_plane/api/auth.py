@@ -1,7 +1,9 @@
-"""Who may call what: admin API keys (scopes `admin`, `read`) and agent tokens.
+"""Who may call what: admin API keys (scopes `admin`, `read`), requests signed by an agent
+with its instance's token, and one-time join tokens for registering hosts.
 
-Keys and tokens are looked up by their SHA-256; a short cache spares the database a query on
-every request (a revoked key stops working within `CP_API_KEY_CACHE_SECONDS`).
+Keys are looked up by their SHA-256; a short cache spares the database a query on every
+request (a revoked key stops working within `CP_API_KEY_CACHE_SECONDS`; a revoked agent
+credential at once, since the agents' statements check it too).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ async def require_join_token(connection: ASGIConnection, _: BaseRouteHandler) ->
         raise NotAuthorizedException("send the join token as 'Authorization: Bearer <token>'")
     async with connection.app.state.runtime.sessions() as session:
         if not await registration.join_token_usable(session, token):
-            raise NotAuthorizedException(str(registration.JoinRefused.MESSAGE))
+            raise NotAuthorizedException(registration.JoinRefused.MESSAGE)
     connection.state.join_token = token
 
 

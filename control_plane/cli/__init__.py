@@ -15,6 +15,9 @@ from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app, join_tokens_app
 from control_plane.settings import Settings, SettingsError
 
+SHUTDOWN_GRACE_SECONDS = 10
+"""Longest wait for in-flight HTTP requests when stopping `up`."""
+
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Control plane for GPU inference fleets running vLLM.")
 apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
@@ -185,10 +188,15 @@ async def _up(settings: Settings) -> None:
         new_key = await runtime.seed_admin_key()
         server = uvicorn.Server(uvicorn.Config(
             create_app(runtime), host=settings.host, port=settings.port, log_config=None,
-            access_log=False, lifespan="off"))
+            access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS))
+
+        def shut_down() -> None:
+            runtime.hub.close_streams()  # open SSE responses would hold the server forever
+            server.should_exit = True
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+            loop.add_signal_handler(sig, shut_down)
         serving = asyncio.create_task(server._serve())  # serve() minus its signal capture
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)

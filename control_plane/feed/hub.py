@@ -75,6 +75,7 @@ class FeedHub:
         self._conn: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
         self._task: asyncio.Task | None = None
+        self._closing = False
         self.position = 0
         """Id of the last event dispatched."""
 
@@ -92,12 +93,24 @@ class FeedHub:
             await self._conn.close()
         if self._pool:
             await self._pool.close()
+        self.close_streams()
+
+    def close_streams(self) -> None:
+        """End every subscription (each gets `None`): on shutdown, so open SSE responses
+        (admin feeds, agents' command streams) finish and the server can stop; clients
+        reconnect to another replica or to the restarted one."""
+        self._closing = True
         for sub in list(self._subs):
-            sub.queue.put_nowait(None)
+            try:
+                sub.queue.put_nowait(None)
+            except asyncio.QueueFull:
+                sub.overflowed = True  # its reader ends once it drained the queue
 
     def subscribe(self, feed_filter: FeedFilter) -> Subscription:
         sub = Subscription(feed_filter, asyncio.Queue(maxsize=self._queue_size))
         self._subs.add(sub)
+        if self._closing:
+            sub.queue.put_nowait(None)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:

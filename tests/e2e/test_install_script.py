@@ -91,12 +91,12 @@ async def test_install_runs_the_agent_to_ready_upgrades_in_place_and_uninstalls(
                 ready_and_verified, timeout=60, interval=0.5, message="instance ready and verified"))
         assert instance["agent"]["checksum"] == current_release().sha256
 
-        # A re-run is an upgrade in place: no join token needed, same registration, the old
-        # process replaced by one running the freshly verified wheel.
-        settings_before = env_file.read_text()
-        second = await run_script(served.content, *args)
+        # A re-run is an upgrade in place: no join token needed, same registration (one more
+        # setting), the old process replaced by one running the freshly verified wheel.
+        second = await run_script(served.content, *args, "--env", "WORKER_AGENT_INFO_SERVER=off")
         assert second.returncode == 0, second.output
-        assert env_file.read_text() == settings_before
+        assert sourced(env_file) == {**env, "WORKER_AGENT_INFO_SERVER": "off"}
+        assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
         pids.append(int(pid_file.read_text()))
         assert pids[1] != pids[0] and not alive(pids[0]) and alive(pids[1])
         assert pids[1] in running_from(prefix)  # the venv's interpreter runs the agent
