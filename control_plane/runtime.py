@@ -60,7 +60,10 @@ class Runtime:
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await asyncio.to_thread(upgrade, self.database_url)
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10)
+        # Heartbeats are telemetry superseded every few seconds: a Postgres crash may lose the
+        # last fraction of a second of them, which no fsync per heartbeat is worth.
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10,
+                                              server_settings={"synchronous_commit": "off"})
         await self.hub.start()
         self.agent_token_secret = self._agent_token_secret()
         self.worker = LifecycleWorker(self.sessions, self.dsn, self.providers, self.settings,
