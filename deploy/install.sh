@@ -254,8 +254,9 @@ EnvironmentFile=$env_file
 ExecStart=$venv/bin/python -m worker_agent
 Restart=always
 RestartSec=5
-# Exit code 2 is an invalid agent.env: restarting cannot fix it.
-RestartPreventExitStatus=2
+# Exit code 2 is an invalid agent.env (restarting cannot fix it), 3 a host released
+# by the control plane (its stop command): both stay stopped. 75 (upgraded) restarts on the new code.
+RestartPreventExitStatus=2 3
 # SIGTERM goes to the agent only: it stops vLLM itself, letting requests finish;
 # whatever is left when it exits (or at TimeoutStopSec) is killed.
 KillMode=mixed

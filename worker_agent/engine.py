@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -296,10 +297,20 @@ class EngineHTTP:
         return vllm_summary(response.text)
 
 
+def _load_prctl():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, not in the child: a forked child must not import or load anything (another
+# thread of the agent, e.g. importing pynvml, may hold the import lock forever in the child).
+_PRCTL = _load_prctl()
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGKILL when the agent dies, even by SIGKILL (Linux), so an engine
     holding GPU memory never outlives its supervisor."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG

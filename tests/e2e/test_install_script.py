@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -95,12 +96,22 @@ async def test_install_runs_the_agent_to_ready_upgrades_in_place_and_uninstalls(
         # setting), the old process replaced by one running the freshly verified wheel.
         second = await run_script(served.content, *args, "--env", "WORKER_AGENT_INFO_SERVER=off")
         assert second.returncode == 0, second.output
+        upgraded_at = datetime.now(UTC)
         assert sourced(env_file) == {**env, "WORKER_AGENT_INFO_SERVER": "off"}
         assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
         pids.append(int(pid_file.read_text()))
         assert pids[1] != pids[0] and not alive(pids[0]) and alive(pids[1])
         assert pids[1] in running_from(prefix)  # the venv's interpreter runs the agent
         assert env["WORKER_AGENT_TOKEN"] not in second.output
+        async with cp.client() as client:
+            async def heartbeat_after_upgrade():
+                shown = (await client.get(f"/v1/instances/{instance_id}")).json()
+                beat = shown["last_heartbeat_at"]
+                return shown if beat and datetime.fromisoformat(beat) > upgraded_at else None
+
+            shown = await with_agent_log(prefix, eventually(
+                heartbeat_after_upgrade, timeout=30, interval=0.5, message="heartbeat after the upgrade"))
+        assert (shown["status"], shown["agent"]["integrity"]) == ("ready", "verified")
         agent_log = (prefix / "agent.log").read_text()
         assert instance_id in agent_log  # it is the agent's log, and it was written
         assert join["token"] not in agent_log and env["WORKER_AGENT_TOKEN"] not in agent_log
