@@ -87,8 +87,9 @@ class Settings:
     """Largest clock difference accepted on a signed agent request (nonces are kept twice as long)."""
     agent_stop_timeout_seconds: float = 120.0
     """How long termination waits for an on-prem agent to confirm it stopped its engine."""
-    metrics_retention_seconds: float = 7 * 24 * 3600.0
-    """Age after which heartbeat metrics are deleted from the time series."""
+    metrics_retention_seconds: float = 24 * 3600.0
+    """Age after which heartbeat metrics are deleted from the time series (one row per
+    heartbeat: 8,640 a day per node at 10 s)."""
 
     sse_keepalive_seconds: float = 15.0
     """Interval of keep-alive comments on idle SSE connections."""
