@@ -135,19 +135,21 @@ async def _commands(runtime, instance_id: uuid.UUID) -> AsyncIterator[ServerSent
     sent: set[str] = set()
     try:
         yield ServerSentEventMessage(comment="connected")
-        while True:
+        while True:  # the table is read at connection and when the feed says there is news
             for command in await agents.pending_commands(runtime.pool, instance_id):
                 if command["id"] not in sent:
                     sent.add(command["id"])
                     yield ServerSentEventMessage(data=json.dumps(command), event="command", id=command["id"])
-            if sub.overflowed:
-                return
-            try:
-                event = await asyncio.wait_for(sub.queue.get(), runtime.settings.sse_keepalive_seconds)
-            except TimeoutError:
-                yield ServerSentEventMessage(comment="keep-alive")
-                continue
-            if event is None:
-                return  # server shutting down
+            while True:
+                if sub.overflowed and sub.queue.empty():
+                    return  # the agent reconnects and reads the table again
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), runtime.settings.sse_keepalive_seconds)
+                except TimeoutError:
+                    yield ServerSentEventMessage(comment="keep-alive")
+                    continue
+                if event is None:
+                    return  # server shutting down
+                break
     finally:
         runtime.hub.unsubscribe(sub)

@@ -71,6 +71,10 @@ class FeedHub:
         self._queue_size = queue_size
         self._batch = batch
         self._subs: set[Subscription] = set()
+        self._fleet: set[Subscription] = set()
+        """Subscriptions to every instance (admin feeds, the mirror)."""
+        self._by_instance: dict[uuid.UUID, set[Subscription]] = {}
+        """Subscriptions to one instance (every agent's command stream), by instance."""
         self._wake = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
         self._pool: asyncpg.Pool | None = None
@@ -109,12 +113,22 @@ class FeedHub:
     def subscribe(self, feed_filter: FeedFilter) -> Subscription:
         sub = Subscription(feed_filter, asyncio.Queue(maxsize=self._queue_size))
         self._subs.add(sub)
+        if feed_filter.instance_id is None:
+            self._fleet.add(sub)
+        else:
+            self._by_instance.setdefault(feed_filter.instance_id, set()).add(sub)
         if self._closing:
             sub.queue.put_nowait(None)
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
+        self._fleet.discard(sub)
+        instance_id = sub.filter.instance_id
+        if instance_id is not None and instance_id in self._by_instance:
+            self._by_instance[instance_id].discard(sub)
+            if not self._by_instance[instance_id]:
+                del self._by_instance[instance_id]
 
     @property
     def subscribers(self) -> int:
@@ -177,14 +191,17 @@ class FeedHub:
 
     def _dispatch(self, event: FeedEvent) -> None:
         self.position = event.id
-        for sub in list(self._subs):
+        # Subscriptions to one instance (every agent's command stream) are indexed by it, so
+        # an event costs the fleet-wide subscribers plus that instance's, not every agent.
+        candidates = [*self._fleet, *self._by_instance.get(event.instance_id, ())]
+        for sub in candidates:
             if sub.overflowed or not sub.filter.matches(event):
                 continue
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
                 sub.overflowed = True
-                self._subs.discard(sub)
+                self.unsubscribe(sub)
                 log.warning("Feed subscriber too slow; disconnected", position=event.id)
 
 
