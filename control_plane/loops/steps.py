@@ -254,16 +254,21 @@ class Steps:
         """On a machine we do not own (on-prem), the agent must stop its engine before we
         let go: send `stop` once, then wait for the acknowledgement, at most
         `agent_stop_timeout_seconds` (an unreachable host must not block termination)."""
-        if await self._acked(row.id, "stop", since=row.status_changed_at) is not None:
-            return True
+        async with self._sessions.begin() as session:
+            await self._owned(session, row)
+            sent = (await session.execute(
+                text("SELECT acked_at IS NOT NULL FROM agent_commands WHERE instance_id = :i"
+                     " AND kind = 'stop' AND created_at >= :since ORDER BY created_at DESC LIMIT 1"),
+                {"i": row.id, "since": row.status_changed_at})).scalar_one_or_none()
+            if sent:
+                return True
+            if sent is None:  # not yet sent (an acknowledged one is never sent again)
+                await enqueue_command(session, row.id, "stop", reason="Instance terminating")
         waited = (datetime.now(UTC) - row.status_changed_at).total_seconds()
         if waited > self._s.agent_stop_timeout_seconds:
             log.warning("Agent did not confirm stop; releasing the host anyway",
                         instance_id=str(row.id), waited_seconds=round(waited))
             return True
-        async with self._sessions.begin() as session:
-            await self._owned(session, row)
-            await enqueue_command(session, row.id, "stop", reason="Instance terminating")
         return False
 
     async def _acked(self, instance_id: uuid.UUID, kind: str, since: datetime) -> str | None:

@@ -69,7 +69,7 @@ async def test_an_outbound_only_host_joins_serves_drains_and_is_released(control
             await agent.wait()
         log.close()
 
-    commands = await db.fetch("SELECT kind, outcome FROM agent_commands WHERE instance_id = $1 ORDER BY created_at",
+    commands = await db.fetch("SELECT kind, outcome FROM agent_commands WHERE instance_id = $1 ORDER BY created_at, acked_at",
                               instance_id)
     assert [tuple(c) for c in commands] == [("drain", "done"), ("stop", "done")]
     history = [r[0] for r in await db.fetch(
