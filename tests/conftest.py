@@ -164,8 +164,8 @@ class RunningControlPlane:
             self.runtime.hub.close_streams()
             self._server.should_exit = True
             await asyncio.wait_for(self._serving, 15)
+        await self.runtime.stop()  # first: its workers would otherwise start machines meanwhile
         await self._kill_machines()
-        await self.runtime.stop()
 
     async def _kill_machines(self) -> None:
         """Leave no agent process behind, whatever the test did."""

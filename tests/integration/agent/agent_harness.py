@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +27,13 @@ from pathlib import Path
 
 import pytest
 
-from worker_agent.signing import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, valid
+from worker_agent.signing import (
+    INSTANCE_HEADER,
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    valid,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 TOKEN = "agent-test-token-6f1c"
@@ -43,6 +50,8 @@ class Call:
     status: int
     signed_with: str | None = None
     """The token the request's signature verifies with (``TOKEN``), else ``None``."""
+    instance: str | None = None
+    """The ``X-Agent-Instance`` it came from."""
 
 
 @dataclass
@@ -50,6 +59,9 @@ class StubControlPlane:
     """Records agent calls; ``script[phase]`` lists statuses to answer that phase first."""
 
     url: str = ""
+    instance_id: str = field(default_factory=lambda: f"inst-{uuid.uuid4().hex[:8]}")
+    """The instance of this test's agent: calls from any other (an agent of an earlier test
+    whose control plane had this port) are ignored."""
     calls: list[Call] = field(default_factory=list)
     script: dict[str, list[int]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -59,6 +71,7 @@ class StubControlPlane:
             return [
                 c for c in self.calls
                 if c.path == "/v1/agent/progress" and (c.status < 300 or not delivered_only)
+                and c.instance == self.instance_id
             ]  # fmt: skip
 
     def phases(self) -> list[str]:
@@ -66,15 +79,20 @@ class StubControlPlane:
 
     def heartbeats(self) -> list[Call]:
         with self.lock:
-            return [c for c in self.calls if c.path == "/v1/agent/heartbeat"]
+            return [
+                c for c in self.calls
+                if c.path == "/v1/agent/heartbeat" and c.instance == self.instance_id
+            ]  # fmt: skip
 
     def answer(
-        self, path: str, authorization: str | None, body: dict, signed_with: str | None = None
+        self, path: str, authorization: str | None, body: dict, signed_with: str | None = None,
+        instance: str | None = None,
     ) -> int:
         with self.lock:
             statuses = self.script.get(body.get("phase", ""), [])
-            status = statuses.pop(0) if statuses and path.endswith("/progress") else 200
-            self.calls.append(Call(path, authorization, body, status, signed_with))
+            mine = instance == self.instance_id
+            status = statuses.pop(0) if statuses and mine and path.endswith("/progress") else 200
+            self.calls.append(Call(path, authorization, body, status, signed_with, instance))
             return status
 
 
@@ -89,7 +107,8 @@ def _handler(stub: StubControlPlane) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = {"unparsable": raw.decode(errors="replace")}
             status = stub.answer(
-                self.path, self.headers.get("Authorization"), body, _signed_with(self, raw)
+                self.path, self.headers.get("Authorization"), body, _signed_with(self, raw),
+                self.headers.get(INSTANCE_HEADER),
             )
             payload = b"{}"
             self.send_response(status)
@@ -206,7 +225,7 @@ async def run_agent(
         env |= {
             "WORKER_AGENT_CONTROL_PLANE_URL": control_plane.url,
             "WORKER_AGENT_TOKEN": TOKEN,
-            "WORKER_AGENT_INSTANCE_ID": "inst-test-1",
+            "WORKER_AGENT_INSTANCE_ID": control_plane.instance_id,
             "WORKER_AGENT_MODEL": MODEL,
             "WORKER_AGENT_PORT": str(port),
             "WORKER_AGENT_ENGINE_PORT": str(engine_port),

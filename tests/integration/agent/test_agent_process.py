@@ -48,7 +48,7 @@ async def test_boot_progress_info_heartbeats_engine_api_and_clean_stop(
         "version": AGENT_VERSION,
         "build_date": AGENT_BUILD_DATE,
         "checksum": code_checksum(),
-        "instance_id": "inst-test-1",
+        "instance_id": control_plane.instance_id,
         "engine": {"state": "running", "pid": engine_pid},
     }
     assert isinstance(engine_pid, int) and pid_alive(engine_pid)
