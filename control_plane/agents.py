@@ -25,7 +25,7 @@ from control_plane.api.schemas import (
     HeartbeatBody,
 )
 from control_plane.feed.events import emit
-from control_plane.lifecycle.actions import complete_step
+from control_plane.lifecycle.actions import complete_step, record_occurrence
 from control_plane.lifecycle.progress import AGENT_PHASES
 from control_plane.lifecycle.transitions import WORK_CHANNEL
 from control_plane.settings import Settings
@@ -66,10 +66,7 @@ async def record_progress(
                 text("UPDATE instances SET failure_reason = coalesce(failure_reason, :r),"
                      " next_check_at = now() WHERE id = :id"),
                 {"r": reason[:4000], "id": agent.instance_id})
-            await session.execute(
-                text("INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
-                     " duration_ms, error) VALUES (:id, 'AGENT_REPORTED_FAILURE', 'failed', now(), 0, :r)"),
-                {"id": agent.instance_id, "r": reason[:4000]})
+            await record_occurrence(session, agent.instance_id, "AGENT_REPORTED_FAILURE", error=reason)
             accepted = True
         else:
             accepted = await complete_step(session, agent.instance_id, AGENT_PHASES[body.phase],
@@ -138,13 +135,9 @@ async def _record_integrity(sessions: async_sessionmaker[AsyncSession], instance
         if changed is None:
             return  # another heartbeat recorded this verdict first
         mismatch = verdict == "mismatch"
-        action = "AGENT_INTEGRITY_MISMATCH" if mismatch else "AGENT_INTEGRITY_VERIFIED"
-        await session.execute(
-            text("INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
-                 " duration_ms, error, metadata) VALUES (:id, :t, :s, now(), 0, :e, CAST(:m AS jsonb))"),
-            {"id": instance_id, "t": action, "s": "failed" if mismatch else "succeeded",
-             "e": detail if mismatch else None,
-             "m": json.dumps({"version": version, "checksum": checksum})})
+        await record_occurrence(
+            session, instance_id, "AGENT_INTEGRITY_MISMATCH" if mismatch else "AGENT_INTEGRITY_VERIFIED",
+            error=detail if mismatch else None, metadata={"version": version, "checksum": checksum})
         await _wake_worker(session, instance_id)
         await emit(session, "instance.agent_integrity",
                    {"instance_id": str(instance_id), "integrity": verdict, "message": detail,
@@ -162,12 +155,8 @@ async def record_event(sessions: async_sessionmaker[AsyncSession], agent: AgentI
             {"id": agent.instance_id})).scalar_one_or_none()
         if status is None:
             raise AgentConflict("the instance's credential was revoked")
-        await session.execute(
-            text("INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
-                 " duration_ms, error, metadata) VALUES (:id, :t, :s, now(), 0, :e, CAST(:m AS jsonb))"),
-            {"id": agent.instance_id, "t": f"AGENT_{body.kind.upper()}",
-             "s": "failed" if failed else "succeeded", "e": body.message if failed else None,
-             "m": _json(body.data)})
+        await record_occurrence(session, agent.instance_id, f"AGENT_{body.kind.upper()}",
+                                error=body.message if failed else None, metadata=body.data)
         await emit(session, f"agent.{body.kind}",
                    {"instance_id": str(agent.instance_id), "message": body.message, **body.data},
                    agent.instance_id)

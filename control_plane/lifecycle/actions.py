@@ -100,6 +100,18 @@ async def complete_step(
     return True
 
 
+async def record_occurrence(
+    session: AsyncSession, instance_id: uuid.UUID, action_type: str, *,
+    error: str | None = None, metadata: dict[str, Any] | None = None,
+) -> None:
+    """Log something that happened at once (no duration): failed when `error` is not None."""
+    await session.execute(
+        text("INSERT INTO instance_actions (instance_id, action_type, status, finished_at,"
+             " duration_ms, error, metadata) VALUES (:i, :t, :s, now(), 0, :e, CAST(:m AS jsonb))"),
+        {"i": instance_id, "t": action_type, "s": "succeeded" if error is None else "failed",
+         "e": None if error is None else error[:4000], "m": json.dumps(metadata or {}, default=str)})
+
+
 async def abandon_running_actions(session: AsyncSession, instance_id: uuid.UUID) -> None:
     """Close actions left `running` by a worker that died (its lease expired)."""
     await session.execute(
