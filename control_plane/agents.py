@@ -84,7 +84,9 @@ _HEARTBEAT = (
     " WHERE id = $1 AND status = ANY($6::text[]) AND credential_revoked_at IS NULL"
     " RETURNING status, agent_integrity, agent_integrity_detail),"
     " series AS (INSERT INTO instance_metrics (instance_id, gpus, vllm, engine)"
-    " SELECT $1, $7::jsonb, $8::jsonb, $9::jsonb FROM updated)"
+    " SELECT $1, CASE jsonb_typeof(m->'gpus') WHEN 'array' THEN m->'gpus' ELSE '[]' END,"
+    " CASE jsonb_typeof(m->'vllm') WHEN 'object' THEN m->'vllm' ELSE '{}' END, m->'engine'"
+    " FROM updated, (SELECT $5::jsonb AS m) AS latest)"
     " SELECT * FROM updated"
 )
 
@@ -99,13 +101,9 @@ async def record_heartbeat(pool: asyncpg.Pool, sessions: async_sessionmaker[Asyn
     the integrity verdict costs a second transaction (an action and a feed event, once).
     Raises `AgentConflict` when the instance is no longer live."""
     info = body.agent_info
-    gpus = body.metrics.get("gpus") or []
-    vllm = body.metrics.get("vllm") or {}
-    row = await pool.fetchrow(
+    row = await pool.fetchrow(  # the series row is cut from the same JSON, encoded once
         _HEARTBEAT, agent.instance_id, info.version, info.build_date, info.checksum,
-        _json({**body.metrics, "engine": body.engine}), list(LIVE_STATUSES),
-        _json(gpus if isinstance(gpus, list) else []), _json(vllm if isinstance(vllm, dict) else {}),
-        _json(body.engine))
+        _json({**body.metrics, "engine": body.engine}), list(LIVE_STATUSES))
     if row is None:
         raise AgentConflict("instance is no longer live or its credential was revoked;"
                             " stop sending heartbeats")
