@@ -23,12 +23,12 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from control_plane import agents, registration
 from control_plane.agent_release import current_release
 from control_plane.api.auth import require_agent_signature, require_join_token
+from control_plane.api.instances import error_responses
 from control_plane.api.schemas import (
     AgentEventBody,
     AgentProgressBody,
     AgentReportAnswer,
     CommandAckBody,
-    Error,
     HeartbeatBody,
     Manifest,
     RegisterBody,
@@ -40,10 +40,9 @@ INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "install.sh"
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:
-    described = {400: "Invalid report", 401: "Unsigned, badly signed, replayed or revoked",
-                 404: "No such command for this instance",
-                 409: "The instance no longer accepts this report", 503: "Redis or Postgres unavailable"}
-    return {c: ResponseSpec(Error, description=described[c], generate_examples=False) for c in codes}
+    return error_responses(*codes, e400="Invalid report", e401="Unsigned, badly signed, replayed or revoked",
+                           e404="No such command for this instance",
+                           e409="The instance no longer accepts this report")
 
 
 AGENT_ERRORS = _errors(400, 401, 409, 503)
@@ -101,7 +100,7 @@ class AgentInstallController(Controller):
         return Manifest(**current_release().manifest(request.app.state.runtime.settings.agent_url))
 
     @get("/artifact/{filename:str}", summary="The agent wheel (verify its SHA-256 against the manifest)",
-         media_type="application/octet-stream", responses={404: ResponseSpec(Error, description="Unknown artifact")})
+         media_type="application/octet-stream", responses=error_responses(404, e404="Unknown artifact"))
     async def artifact(self, filename: FromPath[str]) -> Response[bytes]:
         release = current_release()
         if filename != release.filename:
@@ -115,8 +114,7 @@ class AgentInstallController(Controller):
 
     @post("/register", status_code=201, guards=[require_join_token], security=[{"joinToken": []}],
           summary="Exchange a one-time join token for an instance and its credential",
-          responses={401: ResponseSpec(Error, description="Join token unknown, used, expired or revoked"),
-                     400: ResponseSpec(Error, description="Invalid body")})
+          responses=error_responses(400, 401, e401="Join token unknown, used, expired or revoked"))
     async def register(self, request: Request, data: JSONBody[RegisterBody]) -> Registration:
         runtime = request.app.state.runtime
         try:

@@ -46,11 +46,13 @@ from control_plane.lifecycle.states import Status
 from control_plane.queries import NotFound
 
 
-def error_responses(*codes: int) -> dict[int, ResponseSpec]:
-    described = {400: "Invalid request (fields in `extra`)", 401: "Missing, invalid or revoked API key",
-                 403: "This API key may only read", 404: "No such instance",
-                 409: "The instance id exists already", 503: "Redis or Postgres unavailable; retry"}
-    return {c: ResponseSpec(Error, description=described[c], generate_examples=False) for c in codes}
+def error_responses(*codes: int, **described: str) -> dict[int, ResponseSpec]:
+    """Documented error answers; `described` overrides a description (`e401="..."`)."""
+    text = {400: "Invalid request (fields in `extra`)", 401: "Missing, invalid or revoked API key",
+            403: "This API key may only read", 404: "No such instance",
+            409: "The instance id exists already", 503: "Redis or Postgres unavailable; retry"}
+    text |= {int(key.removeprefix("e")): value for key, value in described.items()}
+    return {c: ResponseSpec(Error, description=text[c], generate_examples=False) for c in codes}
 
 
 READ_ERRORS = error_responses(400, 401, 404)
