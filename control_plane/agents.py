@@ -27,7 +27,7 @@ from control_plane.api.schemas import (
 from control_plane.feed.events import emit
 from control_plane.lifecycle.actions import complete_step, record_occurrence
 from control_plane.lifecycle.progress import AGENT_PHASES
-from control_plane.lifecycle.transitions import WORK_CHANNEL
+from control_plane.lifecycle.transitions import wake_worker
 from control_plane.settings import Settings
 
 BOOT_STATUSES = ("provisioning", "booting")
@@ -73,7 +73,7 @@ async def record_progress(
                                            message=body.message)
             await session.execute(text("UPDATE instances SET next_check_at = now() WHERE id = :id"),
                                   {"id": agent.instance_id})
-        await _wake_worker(session, agent.instance_id)
+        await wake_worker(session, agent.instance_id)
     return AgentReportAnswer(accepted=accepted, status=status)
 
 
@@ -136,7 +136,7 @@ async def _record_integrity(sessions: async_sessionmaker[AsyncSession], instance
         await record_occurrence(
             session, instance_id, "AGENT_INTEGRITY_MISMATCH" if mismatch else "AGENT_INTEGRITY_VERIFIED",
             error=detail if mismatch else None, metadata={"version": version, "checksum": checksum})
-        await _wake_worker(session, instance_id)
+        await wake_worker(session, instance_id)
         await emit(session, "instance.agent_integrity",
                    {"instance_id": str(instance_id), "integrity": verdict, "message": detail,
                     "version": version, "checksum": checksum}, instance_id)
@@ -158,7 +158,7 @@ async def record_event(sessions: async_sessionmaker[AsyncSession], agent: AgentI
         await emit(session, f"agent.{body.kind}",
                    {"instance_id": str(agent.instance_id), "message": body.message, **body.data},
                    agent.instance_id)
-        await _wake_worker(session, agent.instance_id)
+        await wake_worker(session, agent.instance_id)
     return AgentReportAnswer(accepted=True, status=status)
 
 
@@ -238,12 +238,8 @@ async def ack_command(sessions: async_sessionmaker[AsyncSession], agent: AgentId
                     "kind": row.kind, "outcome": body.outcome,
                     "message": f"{row.kind}: {body.outcome}" + (f" ({body.detail})" if body.detail else "")},
                    agent.instance_id)
-        await _wake_worker(session, agent.instance_id)
+        await wake_worker(session, agent.instance_id)
     return True
-
-
-async def _wake_worker(session: AsyncSession, instance_id: uuid.UUID) -> None:
-    await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": WORK_CHANNEL, "p": str(instance_id)})
 
 
 def _json(value: Any) -> str:

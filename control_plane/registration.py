@@ -29,7 +29,7 @@ from control_plane.api.schemas import (
 from control_plane.feed.events import emit
 from control_plane.lifecycle.actions import complete_step
 from control_plane.lifecycle.progress import Step
-from control_plane.lifecycle.transitions import WORK_CHANNEL
+from control_plane.lifecycle.transitions import wake_worker
 from control_plane.security import agent_token, digest
 from control_plane.settings import Settings
 
@@ -119,7 +119,7 @@ async def register(sessions: async_sessionmaker[AsyncSession], settings: Setting
                               (Step.IP_ASSIGNED, f"Address {body.address or 'not reported'}"),
                               (Step.AGENT_INSTALLED, "Agent installed by the install script")):
             await complete_step(session, instance_id, step, message=message)
-        await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": WORK_CHANNEL, "p": str(instance_id)})
+        await wake_worker(session, instance_id)
         await emit(session, "instance.status",
                    {"instance_id": str(instance_id), "status": "booting", "from_status": None,
                     "transition": "register", "message": f"Host {body.hostname} joined"}, instance_id)

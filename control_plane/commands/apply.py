@@ -21,7 +21,7 @@ from control_plane.commands.schema import Command, CreateInstance, DrainInstance
 from control_plane.feed.events import Event, emit_many
 from control_plane.lifecycle.progress import WEIGHTS, Step
 from control_plane.lifecycle.states import FINAL_STATUSES
-from control_plane.lifecycle.transitions import WORK_CHANNEL
+from control_plane.lifecycle.transitions import WORK_CHANNEL, wake_worker
 from control_plane.providers import Providers, UnknownOffer
 
 
@@ -163,7 +163,7 @@ async def _request(session: AsyncSession, instance_id: uuid.UUID, desired: str, 
 
 
 async def _wake(session: AsyncSession, instance_id: uuid.UUID) -> None:
-    await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": WORK_CHANNEL, "p": str(instance_id)})
+    await wake_worker(session, instance_id)
 
 
 def _type(command: Command) -> str:

@@ -83,7 +83,7 @@ async def transition(
         {"id": instance_id, "source": source.value, "target": target.value, "name": name,
          "reason": reason, "actor": actor},
     )
-    await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": WORK_CHANNEL, "p": str(instance_id)})
+    await wake_worker(session, instance_id)
     await emit(
         session,
         "instance.status",
@@ -93,6 +93,11 @@ async def transition(
     )
     log.info("Instance transitioned", instance_id=str(instance_id), transition=name, reason=reason)
     return True
+
+
+async def wake_worker(session: AsyncSession, instance_id: uuid.UUID) -> None:
+    """Have a lifecycle worker look at the instance as soon as the transaction commits."""
+    await session.execute(text("SELECT pg_notify(:c, :p)"), {"c": WORK_CHANNEL, "p": str(instance_id)})
 
 
 # Named transitions: the vocabulary the rest of the code uses.
