@@ -57,6 +57,10 @@ class NotReadyYet(TemporaryProviderError):
     """The resource is in a transient state; ask again later."""
 
 
+class CircuitOpen(TemporaryProviderError):
+    """Calls to this provider and zone are suspended after repeated failures."""
+
+
 class PermanentProviderError(ProviderError):
     """The request cannot succeed as asked; retrying it unchanged is pointless."""
 
@@ -89,6 +93,9 @@ class MachineSpec:
     agent_env: dict[str, str] = field(default_factory=dict)
     """Configuration injected into the node agent's environment at boot (contains secrets:
     never log it)."""
+    user_data: str | None = None
+    """A shell script (cloud-init user data) that installs, verifies and starts the agent with
+    `agent_env` on first boot. Cloud adapters pass it as is; it contains the agent's token."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +119,7 @@ class Volume:
     is_boot: bool
     delete_on_terminate: bool
     attached_to: str | None
+    tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +177,17 @@ class ProviderAdapter(abc.ABC):
     async def delete_volume(self, provider_volume_id: str) -> None:
         """Delete a detached volume. Succeeds silently when it is already gone;
         raises `NotReadyYet` while it is still attached."""
+
+    async def list_tagged_volumes(self, tags: dict[str, str]) -> list[Volume]:
+        """Every volume carrying all of `tags`, attached or not (for the volume sweep).
+
+        Adapters whose volumes cannot outlive their machine keep this default."""
+        return []
+
+    def zone_of(self, provider_id: str) -> str | None:
+        """The zone a machine or volume id belongs to, when the id says (circuit breakers are
+        per provider and zone)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release clients and connections."""
