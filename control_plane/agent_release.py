@@ -21,6 +21,8 @@ from pathlib import Path
 from worker_agent.integrity import PACKAGE_ROOT, agent_version, artifact_name, build_artifact
 
 RECORD_FILE = Path(__file__).resolve().parent.parent / "deploy" / "agent-release.json"
+INSTALL_SCRIPT = RECORD_FILE.with_name("install.sh")
+"""Installs the release on a host (on-prem hosts, cloud first boot, SSH bootstrap)."""
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,9 @@ async def _child_page(session: AsyncSession, table: str, instance_id: uuid.UUID,
 
 def _instance(r: Any) -> InstanceOut:
     return InstanceOut(
-        id=r.id, provider=r.provider, zone=r.zone, instance_type=r.instance_type, model=r.model,
+        id=r.id, provider=r.provider, zone=r.zone, instance_type=r.instance_type,
+        hourly_price=None if r.hourly_price is None else float(r.hourly_price), currency=r.currency,
+        offers=r.offers, offer_index=r.offer_index, model=r.model,
         model_spec=r.model_spec, labels=r.labels, status=r.status,
         routable=r.status == "ready" and r.agent_integrity == "verified",
         desired_state=r.desired_state, progress=r.progress,

@@ -44,7 +44,7 @@ class Runtime:
         self.sessions = make_sessionmaker(self.engine)
         self.redis = Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5,
                                     health_check_interval=30)
-        self.providers = providers or Providers.from_settings(settings)
+        self.providers = providers or Providers.from_settings(settings, self.sessions)
         self.hub = FeedHub(self.dsn, queue_size=settings.sse_queue_size)
         self.leader = Leader(self.dsn)
         self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
@@ -72,7 +72,8 @@ class Runtime:
         self._spawn(self._mirror_events(), "event-mirror")
         self._spawn(self.consumer.run(self.stop_event), "command-consumer")
         self._spawn(self.worker.run(self.stop_event), "lifecycle-worker")
-        self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings)
+        self._scheduler = build_scheduler(self.leader, self.sessions, self.redis, self.settings,
+                                          self.providers)
         self._scheduler.start()
 
     async def stop(self, grace_seconds: float = 10.0) -> None:

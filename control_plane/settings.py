@@ -1,4 +1,4 @@
-"""Settings, read once from the environment (prefix `CP_`) and passed down.
+"""Settings, read once from the environment (prefix `CP_`; Scaleway's own `SCW_*`) and passed down.
 
 No other module reads `os.environ`. Every field has a default that works on a developer's
 machine; the README's configuration table lists them all.
@@ -96,6 +96,52 @@ class Settings:
     sse_queue_size: int = 10_000
     """Events buffered per SSE subscriber; a slower one is disconnected and resumes."""
 
+    provider_retries: int = 2
+    """Retries of a temporary provider error inside one call (backoff with jitter)."""
+    breaker_failure_threshold: int = 5
+    """Consecutive failures of a provider in a zone that open its circuit breaker."""
+    breaker_reset_seconds: float = 60.0
+    """How long an open breaker refuses calls before one trial call (half-open)."""
+    eur_per_usd: float = 0.92
+    """Only to rank offers priced in USD against offers priced in EUR."""
+    max_offers: int = 5
+    """Offers tried, cheapest first, for a create request that names none."""
+    volume_sweep_seconds: float = 3600.0
+    """Interval of the sweep for volumes tagged as ours but attached to nothing we know."""
+    volume_sweep_delete: bool = False
+    """Delete orphaned volumes the sweep finds (default: report them as events only)."""
+
+    local_provider: str = "auto"
+    """`on`, `off`, or `auto`: the simulated `local` provider is offered only when no cloud
+    provider is configured (its free offer would otherwise win every cheapest-offer request)."""
+    aws_region: str | None = None
+    """AWS region; with `aws_image_id`, enables the `aws` provider (credentials: the standard
+    AWS variables or profile)."""
+    aws_image_id: str | None = None
+    """AMI the GPU machines boot (it needs Python 3.10+, curl and the NVIDIA driver)."""
+    aws_endpoint_url: str | None = None
+    """Alternative EC2 endpoint (e.g. a moto server)."""
+    aws_subnet_id: str | None = None
+    aws_security_group_ids: str = ""
+    """Comma-separated security group ids for new machines (default: the VPC's default)."""
+    aws_key_name: str | None = None
+    """EC2 key pair for operator SSH access (none by default: the agent needs no inbound port)."""
+    aws_boot_volume_gb: int = 200
+    aws_model_cache_gb: int = 0
+    """Size of a persistent model-cache volume per machine, kept on terminate (0: none)."""
+    scaleway_access_key: str | None = field(default=None, metadata={"env": "SCW_ACCESS_KEY"})
+    scaleway_secret_key: str | None = field(default=None, repr=False, metadata={"env": "SCW_SECRET_KEY"})
+    scaleway_project_id: str | None = field(default=None, metadata={"env": "SCW_DEFAULT_PROJECT_ID"})
+    scaleway_zone: str = field(default="fr-par-2", metadata={"env": "SCW_DEFAULT_ZONE"})
+    scaleway_api_url: str | None = field(default=None, metadata={"env": "SCW_API_URL"})
+    scaleway_image: str | None = None
+    """Image (id or label) of Scaleway GPU machines; with the SCW_* keys, enables `scaleway`."""
+    scaleway_zones: str = ""
+    """Comma-separated zones offered (default: SCW_DEFAULT_ZONE)."""
+    scaleway_boot_volume_gb: int = 100
+    baremetal_min_free_disk_gb: float = 50.0
+    """Free disk a bare-metal host needs for the agent and models (checked before install)."""
+
     local_boot_seconds: float = 5.0
     """Boot time of the simulated vLLM engine on the `local` provider."""
     local_model_cache: bool = True
@@ -111,15 +157,16 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f"CP_{f.name.upper()}")
+            variable = f.metadata.get("env", f"CP_{f.name.upper()}")
+            raw = env.get(variable)
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(f.name, f.type, raw)
+            values[f.name] = _parse(variable, f.type, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
 
-def _parse(name: str, type_: Any, raw: str) -> Any:
+def _parse(variable: str, type_: Any, raw: str) -> Any:
     kind = str(type_)
     try:
         if "bool" in kind:
@@ -135,5 +182,5 @@ def _parse(name: str, type_: Any, raw: str) -> Any:
         if "Path" in kind:
             return Path(raw)
     except ValueError:
-        raise SettingsError(f"CP_{name.upper()}={raw!r} is not a valid {kind}") from None
+        raise SettingsError(f"{variable}={raw!r} is not a valid {kind}") from None
     return raw

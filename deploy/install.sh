@@ -5,7 +5,9 @@
 #     | sudo bash -s -- --control-plane https://CP --token cpj_...
 #
 # Order matters: check prerequisites, then download the agent wheel and verify its SHA-256
-# against the control plane's manifest; nothing on the host changes before that passes.
+# against the control plane's manifest (and against --sha256 when given); nothing on the host
+# changes before that passes. With --artifact FILE (a wheel copied here beforehand, as the
+# control plane's SSH bootstrap does) nothing is downloaded: FILE must match --sha256.
 # Then register with the one-time join token (the answer, with the agent's own credential,
 # goes straight into $prefix/agent.env, mode 600), install the wheel into $prefix/venv and
 # start the agent. Re-running upgrades in place: an existing agent.env is kept, so the spent
@@ -23,13 +25,20 @@ readonly START_TIMEOUT=60
 usage() {
 	cat <<'EOF'
 Usage: install.sh --control-plane URL --token JOIN_TOKEN [options]
+       install.sh --control-plane URL --artifact FILE --sha256 HEX [options]
        install.sh --uninstall [--prefix DIR] [--no-systemd]
 
 Install (or upgrade in place) the worker agent and register this host with the control plane.
 
-  --control-plane URL  control plane base URL, e.g. https://cp.example.com (required)
+  --control-plane URL  control plane base URL, e.g. https://cp.example.com (required,
+                       unless --artifact is given and PREFIX/agent.env exists)
   --token JOIN_TOKEN   one-time join token from `control-plane join-token create`
-                       (required unless PREFIX/agent.env exists: a re-run upgrades in place)
+                       (required unless PREFIX/agent.env exists: written beforehand by the
+                       caller, or by an earlier run; a re-run upgrades in place)
+  --sha256 HEX         the SHA-256 the agent wheel must have: the install refuses, with
+                       nothing installed, when the manifest or the wheel says otherwise
+  --artifact FILE      install this local agent wheel instead of downloading one (needs
+                       --sha256, checked with sha256sum before anything runs; no manifest)
   --prefix DIR         install directory (default /opt/worker-agent): venv, agent.env
   --no-gpu             skip the NVIDIA driver check and report no GPUs
   --no-systemd         for tests and containers: no systemd unit; run the agent in the
@@ -57,7 +66,11 @@ main() {
 	cd / # `python -m` imports from the working directory first
 	tmp=$(mktemp -d)
 	trap 'rm -rf -- "$tmp"' EXIT
-	fetch_verified_wheel
+	if [[ -n $artifact ]]; then
+		copy_verified_artifact
+	else
+		fetch_verified_wheel
+	fi
 	if [[ -f $env_file ]]; then
 		say "Keeping $env_file: this host is registered already (upgrading in place)"
 		if ((${#extra_env[@]})); then
@@ -77,7 +90,7 @@ main() {
 
 parse_args() {
 	cp_url="" token="" prefix=/opt/worker-agent python=python3
-	gpu=1 systemd=1 uninstall=0 extra_env=()
+	gpu=1 systemd=1 uninstall=0 extra_env=() expected_sha256="" artifact=""
 	while (($#)); do
 		# --flag=value is the same as --flag value
 		if [[ $1 == --*=* ]]; then
@@ -89,6 +102,8 @@ parse_args() {
 		--prefix) need_value "$@"; prefix=$2; shift ;;
 		--python) need_value "$@"; python=$2; shift ;;
 		--env) need_value "$@"; add_env "$2"; shift ;;
+		--sha256) need_value "$@"; expected_sha256=${2,,}; shift ;;
+		--artifact) need_value "$@"; artifact=$2; shift ;;
 		--no-gpu) gpu=0 ;;
 		--no-systemd) systemd=0 ;;
 		--uninstall) uninstall=1 ;;
@@ -107,6 +122,19 @@ parse_args() {
 	log_file=$prefix/agent.log
 	venv=$prefix/venv
 	[[ $uninstall == 1 ]] && return
+	if [[ -n $expected_sha256 && ! $expected_sha256 =~ ^[0-9a-f]{64}$ ]]; then
+		die "--sha256 must be 64 hexadecimal digits (got '$expected_sha256')"
+	fi
+	if [[ -n $artifact ]]; then
+		[[ -n $expected_sha256 ]] || die "--artifact needs --sha256 HEX: the checksum the wheel must have"
+		[[ $artifact == /* ]] || artifact=$PWD/$artifact
+		[[ ${artifact##*/} =~ ^[A-Za-z0-9_.+-]+\.whl$ ]] ||
+			die "--artifact must be an agent wheel named like worker_agent-VERSION-py3-none-any.whl (got '$artifact')"
+		[[ -f $artifact && -r $artifact ]] || die "--artifact $artifact is not a readable file"
+	fi
+	if [[ -z $cp_url && -n $artifact && -f $env_file ]]; then
+		return # nothing to fetch and nobody to register with: agent.env says where the control plane is
+	fi
 	[[ -n $cp_url ]] || die "--control-plane URL is required (see --help)"
 	cp_url=${cp_url%/}
 	[[ $cp_url =~ ^https?://[^[:space:]]+$ ]] || die "--control-plane must be an http(s) URL (got '$cp_url')"
@@ -179,6 +207,9 @@ fetch_verified_wheel() {
 		die "could not fetch $cp_url/v1/agent/manifest"
 	fields=$("$python" -c "$PY" manifest <<<"$manifest") || exit 1
 	read -r version build_date sha256 artifact_url filename <<<"$fields"
+	if [[ -n $expected_sha256 && $sha256 != "$expected_sha256" ]]; then
+		die "checksum mismatch for $filename: expected sha256 $expected_sha256 (--sha256), the manifest says $sha256; nothing was installed"
+	fi
 	wheel=$tmp/$filename # pip wants the wheel's own file name
 	say "Downloading worker agent $version ($build_date)"
 	curl -fsSL --retry 2 --connect-timeout 10 --max-time 600 -o "$wheel" "$artifact_url" </dev/null ||
@@ -189,6 +220,24 @@ fetch_verified_wheel() {
 		die "checksum mismatch for $filename: expected sha256 $sha256 (manifest), got $got (download); nothing was installed"
 	fi
 	say "Verified sha256 $sha256"
+}
+
+# --artifact: the wheel is copied into our private temp dir first, so that what is verified
+# is what pip installs (the original may sit in a directory another user can write to).
+copy_verified_artifact() {
+	local got
+	filename=${artifact##*/}
+	sha256=$expected_sha256
+	version=${filename#*-}
+	version=${version%%-*}
+	wheel=$tmp/$filename # pip wants the wheel's own file name
+	cp -- "$artifact" "$wheel" || die "could not read --artifact $artifact"
+	got=$(sha256sum "$wheel")
+	got=${got%% *}
+	if [[ $got != "$sha256" ]]; then
+		die "checksum mismatch for $filename: expected sha256 $sha256 (--sha256), got $got (--artifact); nothing was installed"
+	fi
+	say "Verified sha256 $sha256 of $filename (worker agent $version)"
 }
 
 register_host() {

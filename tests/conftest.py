@@ -26,7 +26,7 @@ ADMIN_DSN = os.environ.get("CP_TEST_DATABASE_URL", "postgresql://postgres@127.0.
 REDIS_URL = os.environ.get("CP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = ("events", "instance_state_history", "instance_actions", "instance_volumes",
           "instance_metrics", "agent_commands", "instances", "join_tokens",
-          "processed_commands", "api_keys")
+          "processed_commands", "api_keys", "hosts")
 
 
 def free_port() -> int:
@@ -105,11 +105,11 @@ async def settings(tmp_path, database_url: str, db, redis) -> Any:
 class RunningControlPlane:
     """A whole control plane (runtime + HTTP server on 127.0.0.1) inside the test's loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, providers: Any = None) -> None:
         from control_plane.runtime import Runtime
 
         self.settings = settings
-        self.runtime = Runtime(settings, settings.database_url, settings.redis_url)
+        self.runtime = Runtime(settings, settings.database_url, settings.redis_url, providers)
         self.url = f"http://127.0.0.1:{settings.port}"
         self.admin_key = settings.admin_api_key
         self._server = None
@@ -171,7 +171,9 @@ class RunningControlPlane:
         """Leave no agent process behind, whatever the test did."""
         from adapters.base import TAG_CLUSTER
 
-        local = self.runtime.providers.get("local")
+        local = self.runtime.providers.get_or_none("local")
+        if local is None:
+            return
         machines = await local.list_by_tags({TAG_CLUSTER: self.settings.cluster_name})
         for m in machines:
             await local.terminate(m.provider_instance_id)

@@ -12,7 +12,6 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
@@ -21,7 +20,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from control_plane import agents, registration
-from control_plane.agent_release import current_release
+from control_plane.agent_release import INSTALL_SCRIPT, current_release
 from control_plane.api.auth import require_agent_signature, require_join_token
 from control_plane.api.instances import error_responses
 from control_plane.api.schemas import (
@@ -35,8 +34,6 @@ from control_plane.api.schemas import (
     Registration,
 )
 from control_plane.feed.hub import FeedFilter
-
-INSTALL_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "install.sh"
 
 
 def _errors(*codes: int) -> dict[int, ResponseSpec]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Request, delete, get, post
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
@@ -32,6 +33,7 @@ from control_plane.api.schemas import (
     ReasonBody,
     VolumePage,
 )
+from control_plane.commands.apply import resolve_offers
 from control_plane.commands.producer import publish
 from control_plane.commands.schema import (
     CreateInstance,
@@ -70,12 +72,12 @@ class InstanceController(Controller):
     @post("/", status_code=202, summary="Request a GPU instance", responses=error_responses(400, 401, 403, 409, 503))
     async def create(self, request: Request, data: JSONBody[CreateInstanceBody]) -> Accepted:
         runtime = request.app.state.runtime
-        await runtime.providers.validate(data.provider, data.instance_type, data.zone)
+        fields = msgspec.structs.asdict(data)
+        del fields["idempotency_key"]  # HTTP only: not part of the command
+        payload = CreatePayload(**fields)
+        await resolve_offers(runtime.providers, payload)  # refuse at the edge what the consumer would
         command_id = f"api:create:{data.idempotency_key or uuid.uuid4()}"
-        command = CreateInstance(version=1, id=command_id, payload=CreatePayload(
-            provider=data.provider, instance_type=data.instance_type, model=data.model,
-            model_spec=data.model_spec, zone=data.zone, labels=data.labels,
-            instance_id=data.instance_id))
+        command = CreateInstance(version=1, id=command_id, payload=payload)
         if data.instance_id is not None:
             await _ensure_new(runtime, data.instance_id, command_id)
         await publish(runtime.redis, runtime.settings.command_stream, command)

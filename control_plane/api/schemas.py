@@ -63,6 +63,11 @@ class InstanceOut(msgspec.Struct):
     provider: str
     zone: str | None
     instance_type: str
+    hourly_price: float | None
+    currency: str | None
+    offers: list[dict[str, Any]]
+    """The acceptable offers in the order they are tried; the current one is `offer_index`."""
+    offer_index: int
     model: str
     model_spec: dict[str, Any]
     labels: dict[str, str]

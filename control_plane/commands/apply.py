@@ -17,7 +17,14 @@ import msgspec
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from control_plane.commands.schema import Command, CreateInstance, DrainInstance, TerminateInstance
+from adapters.base import Offer
+from control_plane.commands.schema import (
+    Command,
+    CreateInstance,
+    CreatePayload,
+    DrainInstance,
+    TerminateInstance,
+)
 from control_plane.feed.events import Event, emit_many
 from control_plane.lifecycle.progress import WEIGHTS, Step
 from control_plane.lifecycle.states import FINAL_STATUSES
@@ -50,11 +57,11 @@ async def apply_commands(
     fails, nothing of the batch is applied (callers may retry the commands one by one).
     """
     rejections: dict[int, str] = {}
+    offers: dict[int, list[Offer]] = {}
     for n, (command, _) in enumerate(batch):
         if isinstance(command, CreateInstance):
-            p = command.payload
             try:
-                await providers.validate(p.provider, p.instance_type, p.zone)
+                offers[n] = await resolve_offers(providers, command.payload)
             except UnknownOffer as exc:
                 rejections[n] = str(exc)
     async with sessions.begin() as session:
@@ -76,7 +83,7 @@ async def apply_commands(
             if n in rejections:
                 outcome = Outcome("rejected", rejections[n], getattr(command, "instance_id", None))
             elif isinstance(command, CreateInstance):
-                outcome = await _create(session, command, events)
+                outcome = await _create(session, command, offers[n], events)
             elif isinstance(command, TerminateInstance):
                 outcome = await _request(session, command.payload.instance_id, "terminated",
                                          command.payload.reason or "Termination requested")
@@ -108,16 +115,28 @@ async def _duplicate(session: AsyncSession, command: Command) -> Outcome:
     return Outcome("duplicate", f"already {row.outcome}: {row.detail}", row.instance_id)
 
 
-async def _create(session: AsyncSession, command: CreateInstance, events: list[Event]) -> Outcome:
+async def resolve_offers(providers: Providers, payload: CreatePayload) -> list[Offer]:
+    """The offers a create request may use, in the order they are tried."""
+    return await providers.resolve(payload.choices, gpu_model=payload.gpu_model,
+                                   min_gpus=payload.model_spec.tensor_parallel_size)
+
+
+async def _create(session: AsyncSession, command: CreateInstance, offers: list[Offer],
+                  events: list[Event]) -> Outcome:
     """Insert the instance with its first history row and step, in one statement."""
     p = command.payload
     instance_id = command.instance_id
+    first = offers[0]
     progress, phase = WEIGHTS[Step.REQUEST_CREATED]
-    message = f"{p.instance_type} on {p.provider} requested for {p.model}"
+    message = f"{first.instance_type} on {first.provider} requested for {p.model}"
+    if len(offers) > 1:
+        message += f" ({len(offers) - 1} fallback offer{'s' if len(offers) > 2 else ''})"
     inserted = (await session.execute(
         text("WITH inst AS (INSERT INTO instances (id, provider, zone, instance_type, model, model_spec,"
-             " labels, created_by_command, progress, phase) VALUES (:id, :provider, :zone, :type, :model,"
-             " CAST(:spec AS jsonb), CAST(:labels AS jsonb), :cmd, :progress, :phase)"
+             " labels, created_by_command, progress, phase, offers, hourly_price, currency)"
+             " VALUES (:id, :provider, :zone, :type, :model,"
+             " CAST(:spec AS jsonb), CAST(:labels AS jsonb), :cmd, :progress, :phase,"
+             " CAST(:offers AS jsonb), :price, :currency)"
              " ON CONFLICT (id) DO NOTHING RETURNING id),"
              " history AS (INSERT INTO instance_state_history (instance_id, from_status, to_status,"
              " transition, reason, actor) SELECT id, NULL, 'provisioning', 'create',"
@@ -126,7 +145,9 @@ async def _create(session: AsyncSession, command: CreateInstance, events: list[E
              " duration_ms, metadata) SELECT id, :step, 'succeeded', now(), 0,"
              " jsonb_build_object('message', CAST(:message AS text)) FROM inst)"
              " SELECT id, pg_notify(:channel, id::text) FROM inst"),
-        {"id": instance_id, "provider": p.provider, "zone": p.zone, "type": p.instance_type,
+        {"id": instance_id, "provider": first.provider, "zone": first.zone, "type": first.instance_type,
+         "offers": json.dumps([offer_json(o) for o in offers]), "price": first.hourly_price,
+         "currency": first.currency,
          "model": p.model, "spec": msgspec.json.encode(p.model_spec).decode(),
          "labels": json.dumps(p.labels), "cmd": command.id, "progress": progress,
          "phase": phase, "actor": f"command:{command.id}", "step": Step.REQUEST_CREATED.value,
@@ -164,6 +185,11 @@ async def _request(session: AsyncSession, instance_id: uuid.UUID, desired: str, 
 
 async def _wake(session: AsyncSession, instance_id: uuid.UUID) -> None:
     await wake_worker(session, instance_id)
+
+
+def offer_json(offer: Offer) -> dict[str, object]:
+    return {"provider": offer.provider, "zone": offer.zone, "instance_type": offer.instance_type,
+            "hourly_price": offer.hourly_price, "currency": offer.currency}
 
 
 def _type(command: Command) -> str:

@@ -59,15 +59,48 @@ class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
                                  " (use the model_spec field for it)")
 
 
-class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):
+class OfferChoice(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """One acceptable place for an instance: a provider's instance type, in a zone or any."""
+
     provider: Provider
     instance_type: Name
-    model: Model
-    model_spec: ModelSpec = msgspec.field(default_factory=ModelSpec)
     zone: Name | None = None
+
+
+class CreatePayload(msgspec.Struct, forbid_unknown_fields=True):
+    """Where the instance may run, in one of three ways: `provider` + `instance_type` (+
+    `zone`); `offers`, tried in order when one has no capacity; or neither, and the cheapest
+    offer of any provider with `gpu_model` (if given) and at least `tensor_parallel_size` GPUs
+    wins, the others following by price."""
+
+    model: Model
+    provider: Provider | None = None
+    instance_type: Name | None = None
+    zone: Name | None = None
+    offers: Annotated[list[OfferChoice], msgspec.Meta(max_length=20)] = []
+    gpu_model: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*" + _END,
+                                           description="e.g. L4, A100, H100 (case-insensitive)")] | None = None
+    model_spec: ModelSpec = msgspec.field(default_factory=ModelSpec)
     labels: Labels = {}
     instance_id: uuid.UUID | None = None
     """Chosen by the producer, or derived from the command id (so redelivery is harmless)."""
+
+    def __post_init__(self) -> None:
+        single = self.provider is not None or self.instance_type is not None or self.zone is not None
+        if single and (self.provider is None or self.instance_type is None):
+            raise ValueError("provider and instance_type go together")
+        if single and (self.offers or self.gpu_model):
+            raise ValueError("give provider + instance_type, or offers, or neither (cheapest offer);"
+                             " not several")
+        if self.offers and self.gpu_model:
+            raise ValueError("gpu_model only applies when no offer is named")
+
+    @property
+    def choices(self) -> list[OfferChoice]:
+        """The offers named by the request (empty: any offer may do)."""
+        if self.provider is not None and self.instance_type is not None:
+            return [OfferChoice(self.provider, self.instance_type, self.zone)]
+        return list(self.offers)
 
 
 class TerminatePayload(msgspec.Struct, forbid_unknown_fields=True):

@@ -14,6 +14,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Numeric,
     SmallInteger,
     String,
     Text,
@@ -60,6 +61,12 @@ class Instance(Base):
     model_spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     """How the engine serves `model`: revision, tensor parallel size, memory, context, args."""
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    offers: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    """Acceptable offers in order ({provider, zone, instance_type, hourly_price, currency});
+    `provider`/`zone`/`instance_type` are the one at `offer_index`, tried now."""
+    offer_index: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    hourly_price: Mapped[float | None] = mapped_column(Numeric(12, 4))
+    currency: Mapped[str | None] = mapped_column(String(3))
     status: Mapped[str] = mapped_column(String(32), server_default=Status.PROVISIONING.value)
     desired_state: Mapped[str] = mapped_column(String(16), server_default="running")
     """What was asked of the instance: `running`, `drained` or `terminated`."""
@@ -256,3 +263,47 @@ class ApiKey(Base):
     scopes: Mapped[list[str]] = mapped_column(ARRAY(String(32)))
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Host(Base):
+    """A bare-metal machine an owner registered for the `baremetal` provider (reached over SSH).
+
+    Holds references, never secrets: `private_key_ref` names a key file on the control-plane
+    host, `host_key` is the public key the host must present. A host serves one instance at a
+    time (`claimed_by`, unique); terminating releases it without wiping it."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (
+        CheckConstraint("port BETWEEN 1 AND 65535", name="port"),
+        CheckConstraint("hourly_price >= 0", name="price"),
+        CheckConstraint("(claimed_by IS NULL) = (claimed_at IS NULL)", name="claim"),
+        Index(None, "instance_type"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    address: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer, server_default="22")
+    username: Mapped[str] = mapped_column(String(64))
+    private_key_ref: Mapped[str] = mapped_column(String(1024))
+    """Where the SSH client key is on the control-plane host: `file:/path` or `/path`."""
+    host_key: Mapped[str] = mapped_column(Text)
+    """The host's pinned public key, OpenSSH format (`ssh-ed25519 AAAA...`)."""
+    instance_type: Mapped[str] = mapped_column(String(128))
+    """The owners' name for this kind of host, e.g. `a100x8`: what instances ask for."""
+    gpus: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    """GPU model names, one per GPU."""
+    hourly_price: Mapped[float] = mapped_column(Numeric(12, 4), server_default="0")
+    """What an hour of this host costs its owner (cost accounting and offer ranking)."""
+    currency: Mapped[str] = mapped_column(String(3), server_default="EUR")
+    availability: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    """Weekly windows `{days: [mon..sun], start: "HH:MM", end: "HH:MM"}` in UTC in which the
+    host may be claimed; empty: always."""
+    requires_gpu_check: Mapped[bool] = mapped_column(server_default=text("true"))
+    """Refuse to start the agent unless `nvidia-smi` works on the host."""
+    claimed_by: Mapped[uuid.UUID | None] = mapped_column(UUID, unique=True)
+    """The instance running on this host now."""
+    claimed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    disabled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    """Set when the host must not be claimed any more."""

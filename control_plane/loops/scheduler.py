@@ -17,13 +17,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from control_plane.lifecycle import transitions as t
 from control_plane.lifecycle.states import Status
 from control_plane.loops.leader import Leader
+from control_plane.loops.volume_sweep import sweep_volumes
+from control_plane.providers import Providers
 from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 
 def build_scheduler(
-    leader: Leader, sessions: async_sessionmaker[AsyncSession], redis: Redis, settings: Settings
+    leader: Leader, sessions: async_sessionmaker[AsyncSession], redis: Redis, settings: Settings,
+    providers: Providers,
 ) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(job_defaults={"max_instances": 1, "coalesce": True})
 
@@ -50,6 +53,13 @@ def build_scheduler(
     async def prune_metrics() -> int:
         return await delete_old_rows(sessions, "instance_metrics", settings.metrics_retention_seconds)
 
+    reported_orphans: set[str] = set()
+
+    async def sweep_orphaned_volumes() -> list:
+        return await sweep_volumes(sessions, providers, settings, reported_orphans)
+
+    scheduler.add_job(leader_only(sweep_orphaned_volumes), "interval",
+                      seconds=settings.volume_sweep_seconds, id="volume-sweep")
     scheduler.add_job(leader_only(archive_terminated), "interval", minutes=10, id="archive")
     scheduler.add_job(leader_only(prune_events), "interval", hours=1, id="prune-events")
     scheduler.add_job(leader_only(prune_metrics), "interval", minutes=10, id="prune-metrics")

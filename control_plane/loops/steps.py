@@ -23,15 +23,24 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from adapters.base import (
     TAG_CLUSTER,
     TAG_INSTANCE,
+    CircuitOpen,
     MachineSpec,
     PermanentProviderError,
+    ProviderUnavailable,
     RateLimited,
     TemporaryProviderError,
     Volume,
 )
+from control_plane.agent_bootstrap import user_data
 from control_plane.agents import agent_env, enqueue_command
+from control_plane.feed.events import emit
 from control_plane.lifecycle import transitions as t
-from control_plane.lifecycle.actions import complete_step, finish_action, start_action
+from control_plane.lifecycle.actions import (
+    complete_step,
+    finish_action,
+    record_occurrence,
+    start_action,
+)
 from control_plane.lifecycle.progress import Step
 from control_plane.lifecycle.states import Status
 from control_plane.providers import Providers
@@ -92,17 +101,19 @@ class Steps:
                                     reason=row.desired_reason or "Termination requested")
         adapter = self._providers.get(row.provider)
         token = agent_token(self._secret, row.id)
+        env = agent_env(self._s, row.id, token, row.model, row.model_spec)
         spec = MachineSpec(
             instance_id=str(row.id), instance_type=row.instance_type, zone=row.zone,
-            model=row.model, tags=self._tags(row.id),
-            agent_env=agent_env(self._s, row.id, token, row.model, row.model_spec),
+            model=row.model, tags=self._tags(row.id), agent_env=env,
+            user_data=user_data(self._s, env),
         )
         if row.agent_token_hash is None:  # before create: some providers boot the machine at once
             async with self._sessions.begin() as session:
                 await self._owned(session, row)
                 await session.execute(text("UPDATE instances SET agent_token_hash = :h WHERE id = :id"),
                                       {"h": digest(token), "id": row.id})
-        result = await self._act(row, Step.PROVIDER_CREATE.value, adapter.create(spec))
+        result = await self._act(row, Step.PROVIDER_CREATE.value, adapter.create(spec),
+                                 metadata=_offer_of(row))
         if isinstance(result, Next):
             return result
         volumes = await self._call(row, adapter.list_volumes(result.provider_instance_id))
@@ -308,16 +319,33 @@ class Steps:
         message = _describe(exc)
         permanent = isinstance(exc, PermanentProviderError)
         attempts = row.attempts + 1
+        status = Status(row.status)
+        give_up = permanent or attempts >= self._s.provider_max_attempts
+        creating = status is Status.PROVISIONING and action_id is not None
+        # A create that timed out or hit a server error may have created the machine anyway.
+        unsure = creating and isinstance(exc, (TimeoutError, ProviderUnavailable))
+        switch = (creating and row.offer_index + 1 < len(row.offers)
+                  and (permanent or isinstance(exc, CircuitOpen) or give_up))
+        if switch and (unsure or (row.offers[row.offer_index] or {}).get("unsure")):
+            switch = await self._nothing_created(row)
         async with self._sessions.begin() as session:
             await self._owned(session, row)
             if action_id is not None:
                 await finish_action(session, row.id, action_id, error=message)
+            if unsure:
+                await session.execute(
+                    text("UPDATE instances SET offers = jsonb_set(offers, ARRAY[offer_index::text, 'unsure'],"
+                         " 'true') WHERE id = :id AND jsonb_array_length(offers) > offer_index"),
+                    {"id": row.id})
+            if switch:
+                await self._fail_over(session, row, message)
+                return NOW
             await session.execute(text("UPDATE instances SET attempts = :a WHERE id = :id"),
                                   {"a": attempts, "id": row.id})
-            give_up = permanent or attempts >= self._s.provider_max_attempts
-            status = Status(row.status)
             if give_up and status in (Status.PROVISIONING, Status.BOOTING):
                 reason = message if permanent else f"{message} (gave up after {attempts} attempts)"
+                if creating and len(row.offers) > 1:
+                    reason = await _attempts_summary(session, row.id)
                 await t.to_startup_failed(session, row.id, status, lease=row.lock_token, reason=reason)
                 return NOW
         log.warning("Provider call failed; will retry", instance_id=str(row.id), error=message,
@@ -325,6 +353,37 @@ class Steps:
         if isinstance(exc, RateLimited) and exc.retry_after:
             return Next(exc.retry_after)
         return Next(min(60.0, 2 ** min(attempts, 6)) * random.uniform(0.5, 1.0))
+
+    async def _nothing_created(self, row: Any) -> bool:
+        """Whether the provider we are leaving surely has no machine of ours: only then may
+        the next offer be tried (else we could pay for two machines)."""
+        try:
+            found = await asyncio.wait_for(
+                self._providers.get(row.provider).list_by_tags({TAG_INSTANCE: str(row.id)}),
+                self._s.provider_call_timeout_seconds)
+        except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
+            log.warning("Not failing over: cannot confirm that no machine was created",
+                        instance_id=str(row.id), provider=row.provider, error=_describe(exc))
+            return False
+        return not found  # found: the next create (idempotent) adopts it
+
+    async def _fail_over(self, session: AsyncSession, row: Any, message: str) -> None:
+        """Move to the next acceptable offer, recorded as an action with the reason."""
+        nxt = row.offers[row.offer_index + 1]
+        await session.execute(
+            text("UPDATE instances SET offer_index = offer_index + 1, provider = :p, zone = :z,"
+                 " instance_type = :t, hourly_price = :price, currency = :c, attempts = 0"
+                 " WHERE id = :id"),
+            {"p": nxt["provider"], "z": nxt["zone"], "t": nxt["instance_type"],
+             "price": nxt["hourly_price"], "c": nxt["currency"], "id": row.id})
+        detail = (f"{_offer_text(row.offers[row.offer_index])} failed ({message});"
+                  f" trying {_offer_text(nxt)}")
+        await record_occurrence(session, row.id, "FAILOVER", metadata={
+            "from": row.offers[row.offer_index], "to": nxt, "reason": message, "message": detail})
+        await emit(session, "instance.failover", {
+            "instance_id": str(row.id), "status": row.status, "message": detail,
+            "from": row.offers[row.offer_index], "to": nxt, "reason": message}, row.id)
+        log.info("Failing over to the next offer", instance_id=str(row.id), detail=detail)
 
     async def _move(self, fn: Any, row: Any, *args: Any, **kwargs: Any) -> Next:
         async with self._sessions.begin() as session:
@@ -359,6 +418,26 @@ class Steps:
 class _Retry(Exception):
     def __init__(self, next_: Next) -> None:
         self.next = next_
+
+
+def _offer_of(row: Any) -> dict[str, Any]:
+    return {"provider": row.provider, "zone": row.zone, "instance_type": row.instance_type,
+            "offer_index": row.offer_index}
+
+
+def _offer_text(offer: dict[str, Any]) -> str:
+    return f"{offer['provider']} {offer['instance_type']}" + (f" in {offer['zone']}" if offer.get("zone") else "")
+
+
+async def _attempts_summary(session: AsyncSession, instance_id: uuid.UUID) -> str:
+    """Why no offer worked: the last error of each offer tried, in order."""
+    rows = (await session.execute(
+        text("SELECT DISTINCT ON ((metadata->>'offer_index')::int) metadata, error"
+             " FROM instance_actions WHERE instance_id = :id AND action_type = :t AND status = 'failed'"
+             " ORDER BY (metadata->>'offer_index')::int, id DESC"),
+        {"id": instance_id, "t": Step.PROVIDER_CREATE.value})).all()
+    tried = "; ".join(f"{n}) {_offer_text(r.metadata)}: {r.error}" for n, r in enumerate(rows, 1))
+    return f"No acceptable offer could be created ({len(rows)} tried): {tried}"
 
 
 def _describe(exc: BaseException) -> str:
