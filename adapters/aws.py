@@ -1,0 +1,514 @@
+"""The AWS EC2 provider: GPU machines as EC2 instances in one region.
+
+What it guarantees: the contract of `adapters.base`. Every boto3 call runs in a worker thread
+(`asyncio.to_thread`) through one client with botocore's `standard` retries (3 retries, so at
+most 4 attempts, on 5xx, connection errors, timeouts and throttling) and bounded connect/read
+timeouts; every SDK exception is mapped to a typed `ProviderError` in one place
+(`_map_error`). `create` is idempotent twice over: it first looks for a live instance tagged
+`cp-instance=<instance id>` (and `cp-cluster`), then for one launched with our `ClientToken`;
+only then does it call RunInstances, with that deterministic `ClientToken`, tags on the
+instance AND its volumes, and an explicit `DeleteOnTermination` on every block-device mapping
+(root volume: deleted with the machine; model-cache volume, when configured: kept, found by
+`list_tagged_volumes`, removed by `delete_volume`). Nothing logged or raised contains user
+data or credentials.
+
+Things callers should know about real EC2:
+
+- RunInstances starts the machine at once (EC2 has no "create stopped"); `start` is then a
+  no-op.
+- DescribeInstances is eventually consistent: for a few seconds after `create`, `describe`
+  may return `None` and `start` raises `NotReadyYet`. Terminated instances stay visible
+  (`terminated`) for about an hour, then `describe` returns `None`.
+- A `ClientToken` stays bound to its instance for at least 24 h after termination: creating
+  again with the same `instance_id` and the same parameters returns the old (terminated)
+  instance; with other parameters EC2 answers `IdempotentParameterMismatch` (`InvalidSpec`).
+  A replacement machine needs a new instance id.
+- EC2 sends capacity errors with HTTP 500, so botocore retries them before we report
+  `NoCapacity`; `RequestLimitExceeded` (HTTP 503) is retried with backoff, then `RateLimited`.
+
+Where moto (5.2, the test double) differs from real EC2:
+
+- `ClientToken` is not idempotent: the same token launches a second instance. And the
+  `client-token` filter of DescribeInstances is not implemented (HTTP 500 with an HTML page
+  once the region holds any instance): `create` logs a warning and goes on (the tag lookup
+  has been made); the tests answer that lookup through their fault proxy instead.
+- State changes are instant (`pending` only in the RunInstances answer; terminate gives
+  `terminated` at once, never `shutting-down`).
+- Volume attachments lack `DeleteOnTermination` (DescribeVolumes); it is read from the
+  instance's block-device mappings instead, which moto does fill.
+- StartInstances revives a terminated instance (EC2 answers `IncorrectInstanceState`); `start`
+  therefore checks the state first.
+- RunInstances accepts unknown instance types and unknown AMIs; DescribeVolumes and
+  DescribeInstanceTypeOfferings ignore `MaxResults` (one page).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
+
+import boto3
+from botocore import xform_name
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    TokenRetrievalError,
+)
+from botocore.parsers import ResponseParserError
+
+from adapters.base import (
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    AuthError,
+    InvalidSpec,
+    Machine,
+    MachineSpec,
+    MachineState,
+    NoCapacity,
+    NotReadyYet,
+    Offer,
+    PermanentProviderError,
+    ProviderAdapter,
+    ProviderError,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    Volume,
+)
+
+logger = logging.getLogger(__name__)
+
+NAME = "aws"
+CACHE_DEVICE = "/dev/sdf"
+LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+"""States in which an instance can still serve us (a create lookup returns it)."""
+
+
+class GpuType(NamedTuple):
+    gpus: int
+    gpu_model: str
+    usd_per_hour: float
+
+
+# On-demand Linux list prices in us-east-1, as of 2025-07 (after the June 2025 P4/P5 price
+# cut). Other regions cost more or less: pass `prices` to correct them.
+CATALOG: dict[str, GpuType] = {
+    "g5.xlarge": GpuType(1, "A10G", 1.006),
+    "g5.2xlarge": GpuType(1, "A10G", 1.212),
+    "g5.12xlarge": GpuType(4, "A10G", 5.672),
+    "g5.48xlarge": GpuType(8, "A10G", 16.288),
+    "g6.xlarge": GpuType(1, "L4", 0.8048),
+    "g6.12xlarge": GpuType(4, "L4", 4.6016),
+    "g6e.xlarge": GpuType(1, "L40S", 1.861),
+    "g6e.12xlarge": GpuType(4, "L40S", 10.493),
+    "p4d.24xlarge": GpuType(8, "A100", 21.96),
+    "p5.48xlarge": GpuType(8, "H100", 55.04),
+}
+
+_STATES: dict[str, MachineState] = {
+    "pending": "pending",
+    "running": "running",
+    "stopping": "stopping",
+    "shutting-down": "stopping",
+    "stopped": "stopped",
+    "terminated": "terminated",
+}
+
+# MaxResults bounds per operation (EC2 rejects pages outside them).
+_PAGE_LIMITS = {"DescribeInstances": 1000, "DescribeVolumes": 500,
+                "DescribeInstanceTypeOfferings": 1000}
+_FILTER_VALUES = 200  # ids per filter value list, under EC2's limit
+
+_T = TypeVar("_T")
+
+
+class AwsProvider(ProviderAdapter):
+    """GPU machines as EC2 instances (see the module docstring)."""
+
+    name = NAME
+
+    def __init__(
+        self,
+        *,
+        region: str,
+        image_id: str,
+        cluster: str,
+        endpoint_url: str | None = None,
+        subnet_id: str | None = None,
+        security_group_ids: Sequence[str] = (),
+        key_name: str | None = None,
+        boot_volume_gb: int = 200,
+        model_cache_gb: int = 0,
+        prices: dict[str, float] | None = None,
+        page_size: int = 1000,
+        call_timeout: float = 20.0,
+    ) -> None:
+        unknown = set(prices or {}) - set(CATALOG)
+        if unknown:
+            raise ValueError(f"prices for instance types outside the GPU catalog: {sorted(unknown)}")
+        self._region = region
+        self._image_id = image_id
+        self._cluster = cluster
+        self._subnet_id = subnet_id
+        self._security_group_ids = list(security_group_ids)
+        self._key_name = key_name
+        self._boot_volume_gb = boot_volume_gb
+        self._model_cache_gb = model_cache_gb
+        self._prices = {t: g.usd_per_hour for t, g in CATALOG.items()} | (prices or {})
+        self._page_size = page_size
+        self._root_device: str | None = None  # of `image_id`, read once
+        config = Config(
+            retries={"mode": "standard", "max_attempts": 3},  # 3 retries after the first try
+            connect_timeout=call_timeout,
+            read_timeout=call_timeout,
+        )
+        # A session of our own: boto3's default session is shared (and not thread-safe);
+        # credentials come from the usual chain (environment, profile, instance role).
+        self._client = boto3.session.Session().client(
+            "ec2", region_name=region, endpoint_url=endpoint_url, config=config
+        )
+
+    async def list_offers(self) -> list[Offer]:
+        """One offer per (catalog type, availability zone) that EC2 offers in the region."""
+        offerings = await self._paginate(
+            "DescribeInstanceTypeOfferings", "InstanceTypeOfferings",
+            LocationType="availability-zone",
+            Filters=[{"Name": "instance-type", "Values": list(CATALOG)}],
+        )
+        offers = {
+            (o["InstanceType"], o["Location"])
+            for o in offerings
+            if o.get("InstanceType") in CATALOG
+        }
+        return [
+            Offer(provider=NAME, zone=zone, instance_type=itype, gpus=CATALOG[itype].gpus,
+                  gpu_model=CATALOG[itype].gpu_model, hourly_price=self._prices[itype],
+                  currency="USD")
+            for itype, zone in sorted(offers)
+        ]
+
+    async def create(self, spec: MachineSpec) -> Machine:
+        """The live instance already made for `spec.instance_id`, else a new one (running)."""
+        tags = self._tags(spec)
+        token = client_token(spec.instance_id)
+        existing = await self._find_existing(spec.instance_id, token)
+        if existing is not None:
+            return existing
+        params = await self._run_params(spec, tags, token)
+        reply = await self._call("RunInstances", **params)
+        instance = reply["Instances"][0]
+        logger.info("AWS instance %s launched for instance %s (%s in %s)",
+                    instance["InstanceId"], spec.instance_id, spec.instance_type,
+                    instance.get("Placement", {}).get("AvailabilityZone"))
+        return _to_machine(instance, fallback_tags=tags)
+
+    async def start(self, provider_instance_id: str) -> None:
+        """StartInstances when stopped; nothing when pending or running. `NotReadyYet` while
+        stopping (or not yet visible); `InvalidSpec` once it is terminated or terminating."""
+        instance = await self._describe_raw(provider_instance_id)
+        if instance is None:
+            # Right after RunInstances EC2 may not know the id yet (eventual consistency).
+            raise NotReadyYet(f"AWS instance {provider_instance_id} is not visible (yet)")
+        state = instance["State"]["Name"]
+        if state in ("pending", "running"):
+            return
+        if state in ("shutting-down", "terminated"):
+            raise InvalidSpec(f"AWS instance {provider_instance_id} is {state}; it cannot start")
+        if state == "stopping":
+            raise NotReadyYet(f"AWS instance {provider_instance_id} is still stopping")
+        await self._call("StartInstances", InstanceIds=[provider_instance_id])
+        logger.info("AWS instance %s started", provider_instance_id)
+
+    async def describe(self, provider_instance_id: str) -> Machine | None:
+        instance = await self._describe_raw(provider_instance_id)
+        return None if instance is None else _to_machine(instance)
+
+    async def list_by_tags(self, tags: dict[str, str]) -> list[Machine]:
+        """Every instance not yet terminated carrying all of `tags` (one call per page)."""
+        instances = await self._describe_instances(
+            Filters=[*_tag_filters(tags),
+                     {"Name": "instance-state-name", "Values": [*LIVE_STATES, "shutting-down"]}]
+        )
+        return [_to_machine(i) for i in instances if _has_tags(i, tags)]
+
+    async def terminate(self, provider_instance_id: str) -> None:
+        reply = await self._call("TerminateInstances", InstanceIds=[provider_instance_id],
+                                 missing="InvalidInstanceID.NotFound")
+        if reply:
+            logger.info("AWS instance %s terminating", provider_instance_id)
+
+    async def list_volumes(self, provider_instance_id: str) -> list[Volume]:
+        volumes = await self._paginate(
+            "DescribeVolumes", "Volumes",
+            Filters=[{"Name": "attachment.instance-id", "Values": [provider_instance_id]}],
+        )
+        return await self._to_volumes(volumes, provider_instance_id)
+
+    async def list_tagged_volumes(self, tags: dict[str, str]) -> list[Volume]:
+        volumes = await self._paginate("DescribeVolumes", "Volumes", Filters=_tag_filters(tags))
+        return await self._to_volumes([v for v in volumes if _has_tags(v, tags)], None)
+
+    async def delete_volume(self, provider_volume_id: str) -> None:
+        """DeleteVolume; gone already is success, attached (`VolumeInUse`) is `NotReadyYet`."""
+        reply = await self._call("DeleteVolume", VolumeId=provider_volume_id,
+                                 missing="InvalidVolume.NotFound")
+        if reply:
+            logger.info("AWS volume %s deleted", provider_volume_id)
+
+    async def close(self) -> None:
+        self._client.close()
+
+    # Helpers, in call order.
+
+    def _tags(self, spec: MachineSpec) -> dict[str, str]:
+        tags = dict(spec.tags)
+        for key, expected in ((TAG_INSTANCE, spec.instance_id), (TAG_CLUSTER, self._cluster)):
+            if tags.setdefault(key, expected) != expected:
+                raise InvalidSpec(f"tag {key}={tags[key]!r} contradicts {expected!r}")
+        tags.setdefault("Name", f"cp-{spec.instance_id}")
+        return tags
+
+    async def _find_existing(self, instance_id: str, token: str) -> Machine | None:
+        """Our live instance for `instance_id`: by tags first, then by client token (which
+        also finds one whose tags were removed)."""
+        live = {"Name": "instance-state-name", "Values": LIVE_STATES}
+        wanted = {TAG_INSTANCE: instance_id, TAG_CLUSTER: self._cluster}
+        found = [i for i in await self._describe_instances(Filters=[*_tag_filters(wanted), live])
+                 if _has_tags(i, wanted)]
+        if not found:
+            try:
+                found = [i for i in await self._describe_instances(
+                    Filters=[{"Name": "client-token", "Values": [token]}, live])
+                    if i.get("ClientToken") == token]
+            except ProviderUnavailable as exc:
+                # Safe to go on: RunInstances with the same token is EC2's own guard. (moto
+                # lacks this filter and answers 500: this keeps it usable.)
+                logger.warning("AWS client-token lookup failed for instance %s: %s",
+                               instance_id, exc)
+        if not found:
+            return None
+        found.sort(key=lambda i: (str(i.get("LaunchTime") or ""), i["InstanceId"]))
+        if len(found) > 1:
+            logger.warning("AWS has %d live instances for instance %s; using %s", len(found),
+                           instance_id, found[0]["InstanceId"])
+        return _to_machine(found[0])
+
+    async def _run_params(self, spec: MachineSpec, tags: dict[str, str],
+                          token: str) -> dict[str, Any]:
+        tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
+        # Explicit DeleteOnTermination on every mapping: the AMI's defaults must not decide
+        # whether a volume (and its cost) outlives the machine.
+        mappings: list[dict[str, Any]] = [{
+            "DeviceName": await self._root_device_name(),
+            "Ebs": {"VolumeSize": self._boot_volume_gb, "VolumeType": "gp3",
+                    "DeleteOnTermination": True},
+        }]
+        if self._model_cache_gb > 0:
+            mappings.append({
+                "DeviceName": CACHE_DEVICE,
+                "Ebs": {"VolumeSize": self._model_cache_gb, "VolumeType": "gp3",
+                        "DeleteOnTermination": False},  # the model cache survives the machine
+            })
+        params: dict[str, Any] = {
+            "ClientToken": token,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "ImageId": self._image_id,
+            "InstanceType": spec.instance_type,
+            "BlockDeviceMappings": mappings,
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tag_list},
+                                  {"ResourceType": "volume", "Tags": tag_list}],
+        }
+        if spec.user_data:
+            params["UserData"] = spec.user_data  # botocore base64-encodes it
+        if spec.zone:
+            params["Placement"] = {"AvailabilityZone": spec.zone}
+        if self._subnet_id:
+            params["SubnetId"] = self._subnet_id
+        if self._security_group_ids:
+            params["SecurityGroupIds"] = self._security_group_ids
+        if self._key_name:
+            params["KeyName"] = self._key_name
+        return params
+
+    async def _root_device_name(self) -> str:
+        if self._root_device is None:
+            reply = await self._call("DescribeImages", ImageIds=[self._image_id])
+            images = reply.get("Images") or []
+            if not images or not images[0].get("RootDeviceName"):
+                raise InvalidSpec(f"AWS image {self._image_id} not found in {self._region}")
+            self._root_device = images[0]["RootDeviceName"]
+        return self._root_device
+
+    async def _describe_raw(self, instance_id: str) -> dict[str, Any] | None:
+        reply = await self._call("DescribeInstances", InstanceIds=[instance_id],
+                                 missing="InvalidInstanceID.NotFound")
+        instances = [i for r in reply.get("Reservations", []) for i in r.get("Instances", [])]
+        return instances[0] if instances else None
+
+    async def _describe_instances(self, **params: Any) -> list[dict[str, Any]]:
+        reservations = await self._paginate("DescribeInstances", "Reservations", **params)
+        return [i for r in reservations for i in r.get("Instances", [])]
+
+    async def _to_volumes(self, raw: list[dict[str, Any]],
+                          instance_id: str | None) -> list[Volume]:
+        """Volumes with their boot flag and `DeleteOnTermination` taken from their instances'
+        block-device mappings (moto leaves the flag out of volume attachments)."""
+        attached = sorted({a["InstanceId"] for v in raw for a in _live_attachments(v)})
+        mappings: dict[str, tuple[str | None, dict[str, bool]]] = {}
+        for start in range(0, len(attached), _FILTER_VALUES):
+            ids = attached[start:start + _FILTER_VALUES]
+            for i in await self._describe_instances(
+                    Filters=[{"Name": "instance-id", "Values": ids}]):
+                mappings[i["InstanceId"]] = (i.get("RootDeviceName"), {
+                    m["Ebs"]["VolumeId"]: bool(m["Ebs"].get("DeleteOnTermination"))
+                    for m in i.get("BlockDeviceMappings", []) if "Ebs" in m})
+        volumes = []
+        for v in raw:
+            attachment = next((a for a in _live_attachments(v)
+                               if instance_id in (None, a["InstanceId"])), None)
+            owner = attachment["InstanceId"] if attachment else None
+            root, flags = mappings.get(owner or "", (None, {}))
+            volumes.append(Volume(
+                provider_volume_id=v["VolumeId"],
+                volume_type=v.get("VolumeType", ""),
+                size_gb=int(v.get("Size", 0)),
+                is_boot=attachment is not None and attachment.get("Device") == root,
+                delete_on_terminate=flags.get(
+                    v["VolumeId"], bool(attachment and attachment.get("DeleteOnTermination"))),
+                attached_to=owner,
+                tags=_tags_of(v),
+            ))
+        volumes.sort(key=lambda vol: (not vol.is_boot, vol.provider_volume_id))
+        return volumes
+
+    async def _paginate(self, operation: str, key: str, **params: Any) -> list[Any]:
+        """All items under `key` of every page, in one worker thread; calls grow with pages."""
+        size = max(5, min(self._page_size, _PAGE_LIMITS[operation]))
+        paginator = self._client.get_paginator(xform_name(operation))
+
+        def fetch() -> list[Any]:
+            items: list[Any] = []
+            for page in paginator.paginate(**params, PaginationConfig={"PageSize": size}):
+                items.extend(page.get(key, []))
+            return items
+
+        return await self._run(operation, fetch)
+
+    async def _call(self, operation: str, *, missing: str | None = None,
+                    **params: Any) -> dict[str, Any]:
+        """One API call; `{}` when AWS answers with the error code `missing` (already gone)."""
+        method = getattr(self._client, xform_name(operation))
+        try:
+            return await self._run(operation, lambda: method(**params), missing=missing)
+        except _Missing:
+            return {}
+
+    async def _run(self, operation: str, fn: Callable[[], _T], *,
+                   missing: str | None = None) -> _T:
+        try:
+            return await asyncio.to_thread(fn)
+        except ClientError as exc:
+            if missing is not None and _code(exc) == missing:
+                raise _Missing from None
+            raise _map_error(operation, exc) from None
+        except (BotoCoreError, ResponseParserError) as exc:
+            # `from None`: SDK exceptions may carry request parameters (user data).
+            raise _map_error(operation, exc) from None
+
+
+class _Missing(Exception):
+    """AWS said the resource does not exist (internal signal of `_run`)."""
+
+
+def client_token(instance_id: str) -> str:
+    """RunInstances' idempotency token for an instance id: deterministic, 35 ASCII chars."""
+    return "cp-" + hashlib.sha256(instance_id.encode()).hexdigest()[:32]
+
+
+_ERRORS: dict[str, type[ProviderError]] = {
+    **dict.fromkeys(["InsufficientInstanceCapacity", "InsufficientCapacity",
+                     "InsufficientHostCapacity", "Unsupported"], NoCapacity),
+    **dict.fromkeys(["InstanceLimitExceeded", "VcpuLimitExceeded",
+                     "MaxSpotInstanceCountExceeded", "VolumeLimitExceeded"], QuotaExceeded),
+    **dict.fromkeys(["AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId",
+                     "SignatureDoesNotMatch", "OptInRequired"], AuthError),
+    **dict.fromkeys(["RequestLimitExceeded", "Throttling"], RateLimited),
+    # IdempotentParameterMismatch: our ClientToken (derived from the instance id) was used
+    # before with other parameters (another type or zone for the same instance id, maybe a
+    # machine terminated less than a day ago). Retrying the same request cannot succeed.
+    **dict.fromkeys(["InvalidParameterValue", "InvalidParameterCombination",
+                     "IdempotentParameterMismatch", "MissingParameter"], InvalidSpec),
+    **dict.fromkeys(["IncorrectInstanceState", "IncorrectState", "VolumeInUse"], NotReadyYet),
+}
+_ERROR_PREFIXES: dict[str, type[ProviderError]] = {"InvalidAMIID.": InvalidSpec}
+_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError,
+                      TokenRetrievalError)
+
+
+def _map_error(operation: str, exc: Exception) -> ProviderError:
+    """The typed error for an SDK exception: by AWS error code first, then HTTP status."""
+    if isinstance(exc, ClientError):
+        code = _code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        cls = _ERRORS.get(code) or next(
+            (c for prefix, c in _ERROR_PREFIXES.items() if code.startswith(prefix)), None)
+        if cls is None and status == 429:
+            cls = RateLimited
+        if cls is None:
+            cls = ProviderUnavailable if status >= 500 else PermanentProviderError
+        return cls(f"AWS {operation} failed: {code} (HTTP {status}): {message}")
+    if isinstance(exc, _CREDENTIAL_ERRORS):
+        return AuthError(f"AWS {operation} failed: no usable credentials ({type(exc).__name__})")
+    if isinstance(exc, ParamValidationError):
+        report = re.sub(r"value: .*", "value: <hidden>", str(exc))  # values may be secrets
+        return InvalidSpec(f"AWS {operation} parameters were rejected by botocore: {report}")
+    if isinstance(exc, (ConnectionError, HTTPClientError, ResponseParserError)):
+        return ProviderUnavailable(
+            f"AWS {operation} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    return PermanentProviderError(f"AWS {operation} failed: {type(exc).__name__}")
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
+
+
+def _tag_filters(tags: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
+
+
+def _has_tags(resource: dict[str, Any], tags: dict[str, str]) -> bool:
+    """Exact match (EC2 filters treat `*` and `?` in values as wildcards)."""
+    own = _tags_of(resource)
+    return all(own.get(k) == v for k, v in tags.items())
+
+
+def _tags_of(resource: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def _live_attachments(volume: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for a in volume.get("Attachments", [])
+            if a.get("InstanceId") and a.get("State") != "detached"]
+
+
+def _to_machine(instance: dict[str, Any], fallback_tags: dict[str, str] | None = None) -> Machine:
+    return Machine(
+        provider_instance_id=instance["InstanceId"],
+        state=_STATES.get(instance["State"]["Name"], "pending"),
+        ip=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress"),
+        zone=instance.get("Placement", {}).get("AvailabilityZone"),
+        tags=_tags_of(instance) or dict(fallback_tags or {}),
+    )

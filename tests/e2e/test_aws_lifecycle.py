@@ -1,0 +1,202 @@
+"""The whole control plane on AWS, against moto's EC2 over HTTP (through a fault proxy).
+
+moto keeps machines as records; `CloudBoot` plays their first boot (the user data's agent),
+so instances really reach `ready` with a verified agent. See tests/support/cloud_boot.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+
+import signal
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from adapters.base import TAG_CLUSTER, TAG_INSTANCE
+from control_plane.db.engine import asyncpg_dsn
+from tests.conftest import RunningControlPlane, eventually, free_port
+from tests.e2e.test_up_command import EXE, env_for
+from tests.integration.providers.conftest import (  # noqa: F401 - fixtures
+    REGION,
+    ami,
+    aws_env,
+    ec2,
+    ec2_proxy,
+    moto_server,
+)
+from tests.support.cloud_boot import CloudBoot
+
+pytestmark = pytest.mark.usefixtures("aws_env")
+
+
+def aws_settings(settings, ec2_proxy, ami, **extra):
+    return dataclasses.replace(
+        settings, aws_region=REGION, aws_image_id=ami, aws_endpoint_url=ec2_proxy.url,
+        aws_model_cache_gb=50, local_provider="off", **extra)
+
+
+def running_with_user_data(ec2, cluster: str):
+    """{instance id: user data} of our running machines in moto (what CloudBoot boots)."""
+    def list_running() -> dict[str, str]:
+        found = {}
+        pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+            {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
+            {"Name": "instance-state-name", "Values": ["running"]}])
+        for page in pages:
+            for reservation in page["Reservations"]:
+                for instance in reservation["Instances"]:
+                    attribute = ec2.describe_instance_attribute(
+                        InstanceId=instance["InstanceId"], Attribute="userData")
+                    data = attribute.get("UserData", {}).get("Value")
+                    found[instance["InstanceId"]] = base64.b64decode(data).decode() if data else ""
+        return found
+    return list_running
+
+
+def machines_of(ec2, instance_id: str, states=("pending", "running", "stopping", "stopped")):
+    reservations = ec2.describe_instances(Filters=[
+        {"Name": f"tag:{TAG_INSTANCE}", "Values": [instance_id]},
+        {"Name": "instance-state-name", "Values": list(states)}])["Reservations"]
+    return [i for r in reservations for i in r["Instances"]]
+
+
+def tagged_volumes(ec2, cluster: str):
+    return ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}])["Volumes"]
+
+
+async def status_of(client, instance_id: str) -> dict | None:
+    """The instance, or None while its create command is still on its way."""
+    response = await client.get(f"/v1/instances/{instance_id}")
+    assert response.status_code in (200, 404), response.text
+    return response.json() if response.status_code == 200 else None
+
+
+async def test_an_aws_instance_boots_to_ready_and_terminates_leaving_only_its_kept_volume(
+        settings, ec2_proxy, ami, ec2, tmp_path):
+    settings = aws_settings(settings, ec2_proxy, ami)
+    with CloudBoot(running_with_user_data(ec2, settings.cluster_name), tmp_path / "machines") as boot:
+        async with RunningControlPlane(settings) as cp, cp.client() as client:
+            offers = (await client.post("/v1/instances", json={
+                "provider": "aws", "instance_type": "nope.xlarge", "model": "org/m"})).json()
+            assert "g5.xlarge" in offers["extra"][0]["message"], "refused, saying what is offered"
+
+            created = await client.post("/v1/instances", json={
+                "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})
+            assert created.status_code == 202, created.text
+            instance_id = created.json()["id"]
+            ready = await eventually(
+                lambda: _in_status(client, instance_id, "ready"), timeout=60, message="ready")
+            assert ready["agent"]["integrity"] == "verified"
+            assert ready["hourly_price"] > 0 and ready["currency"] == "USD"
+            [machine] = machines_of(ec2, instance_id)
+            assert ready["provider_instance_id"] == machine["InstanceId"] == boot.booted[0]
+
+            volumes = (await client.get(f"/v1/instances/{instance_id}/volumes")).json()["items"]
+            assert sorted((v["is_boot"], v["delete_on_terminate"]) for v in volumes) == [
+                (False, False), (True, True)], "a boot volume deleted with it, a kept model cache"
+
+            assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+            done = await eventually(
+                lambda: _in_status(client, instance_id, "terminated"), timeout=60, message="terminated")
+            assert done["progress"] == 100
+            volumes = (await client.get(f"/v1/instances/{instance_id}/volumes")).json()["items"]
+            assert sorted((v["is_boot"], v["status"]) for v in volumes) == [
+                (False, "kept"), (True, "deleted")]
+            actions = (await client.get(f"/v1/instances/{instance_id}/actions")).json()["items"]
+            assert [a["status"] for a in actions if a["action_type"] == "PROVIDER_DELETE_VOLUME"] == ["succeeded"]
+
+    assert machines_of(ec2, instance_id) == []
+    left = tagged_volumes(ec2, settings.cluster_name)
+    assert [v["VolumeId"] for v in left] == [
+        v["provider_volume_id"] for v in volumes if not v["is_boot"]], "only the kept cache is left"
+
+
+async def test_sigkill_between_create_sent_and_recorded_yields_one_machine(
+        settings, ec2_proxy, ami, ec2, tmp_path):
+    """The create reaches EC2 but its answer never comes back: the control plane is killed
+    right then. The restarted one must find that machine, not create a second."""
+    settings = aws_settings(settings, ec2_proxy, ami, lease_seconds=3.0)
+    env = env_for(settings) | {
+        "CP_AWS_REGION": REGION, "CP_AWS_IMAGE_ID": ami, "CP_AWS_ENDPOINT_URL": ec2_proxy.url,
+        "CP_AWS_MODEL_CACHE_GB": "50", "CP_LOCAL_PROVIDER": "off", "CP_LEASE_SECONDS": "3",
+        "CP_ADMIN_API_KEY": settings.admin_api_key, "CP_WORKER_POLL_SECONDS": "0.5",
+        "CP_AGENT_TOKEN_SECRET": "test-secret-shared-by-both-runs"}
+    held = ec2_proxy.add_rule(contains="Action=RunInstances", forward_then_hang=True, times=1)
+    first = await _up(env, tmp_path / "first.log")
+    try:
+        async with _client(first[1], settings) as client:
+            created = await client.post("/v1/instances", json={
+                "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})
+            instance_id = created.json()["id"]
+        await eventually(lambda: _true(held.hits == 1 and len(machines_of(ec2, instance_id)) == 1),
+                         timeout=30, message="the create reached EC2")
+    finally:
+        first[0].send_signal(signal.SIGKILL)
+        await first[0].wait()
+    assert await _column(settings, instance_id, "provider_instance_id") is None, "not recorded"
+
+    second = await _up(env, tmp_path / "second.log")
+    try:
+        async with _client(second[1], settings) as client:
+            booting = await eventually(
+                lambda: _past_provisioning(client, instance_id), timeout=60, message="create recorded")
+            [machine] = machines_of(ec2, instance_id)
+            assert booting["provider_instance_id"] == machine["InstanceId"]
+            assert ec2_proxy.count("Action=RunInstances") == 1, "the retry found the machine"
+            assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+            await eventually(lambda: _in_status(client, instance_id, "terminated"), timeout=60,
+                             message="terminated")
+    finally:
+        second[0].send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(second[0].wait(), 30) == 0
+    assert machines_of(ec2, instance_id) == []
+    assert all(not v["Attachments"] for v in tagged_volumes(ec2, settings.cluster_name))
+    kept = [v for v in tagged_volumes(ec2, settings.cluster_name)]
+    assert len(kept) == 1 and kept[0]["Size"] == 50, "only the persistent model cache is left"
+
+
+async def _up(env: dict[str, str], log: Path):
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        EXE, "up", "--port", str(port), env=env | {"CP_PORT": str(port)},
+        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("ab"))
+    await eventually(lambda: _true("listening on" in log.read_text() or proc.returncode is not None),
+                     timeout=40, message="control plane start")
+    assert proc.returncode is None, log.read_text()[-3000:]
+    return proc, port
+
+
+def _client(port: int, settings):
+    import httpx
+    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                             headers={"Authorization": f"Bearer {settings.admin_api_key}"})
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _in_status(client, instance_id: str, status: str) -> dict | None:
+    body = await status_of(client, instance_id) or {"status": None}
+    assert body["status"] not in {"startup_failed", "provider_deleted"} or status == body["status"], body
+    return body if body["status"] == status else None
+
+
+async def _past_provisioning(client, instance_id: str) -> dict | None:
+    body = await status_of(client, instance_id)
+    return body if body and body["provider_instance_id"] else None
+
+
+async def _column(settings, instance_id: str, column: str):
+    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
+    try:
+        return await conn.fetchval(f"SELECT {column} FROM instances WHERE id = $1::uuid", instance_id)
+    finally:
+        await conn.close()
+
+
+
