@@ -63,7 +63,7 @@ async def transition(
     row = (
         await session.execute(
             text(
-                f"UPDATE instances SET {assignments}, updated_at = now(), status_changed_at = now(),"
+                f"UPDATE instances SET {assignments}, updated_at = now(), status_changed_at = now(), attempts = 0,"
                 f" next_check_at = now()"
                 f" WHERE id = :id AND status = :source AND {guard}"
                 " RETURNING progress, phase"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
-
 import signal
 from pathlib import Path
 
@@ -20,14 +19,7 @@ from adapters.base import TAG_CLUSTER, TAG_INSTANCE
 from control_plane.db.engine import asyncpg_dsn
 from tests.conftest import RunningControlPlane, eventually, free_port
 from tests.e2e.test_up_command import EXE, env_for
-from tests.integration.providers.conftest import (  # noqa: F401 - fixtures
-    REGION,
-    ami,
-    aws_env,
-    ec2,
-    ec2_proxy,
-    moto_server,
-)
+from tests.integration.providers.conftest import REGION
 from tests.support.cloud_boot import CloudBoot
 
 pytestmark = pytest.mark.usefixtures("aws_env")
@@ -182,7 +174,8 @@ async def _true(value: bool) -> bool:
 
 async def _in_status(client, instance_id: str, status: str) -> dict | None:
     body = await status_of(client, instance_id) or {"status": None}
-    assert body["status"] not in {"startup_failed", "provider_deleted"} or status == body["status"], body
+    unexpected = {"startup_failed", "provider_deleted"} - {status}
+    assert body["status"] not in unexpected or status == "terminated" and body["failure_reason"], body
     return body if body["status"] == status else None
 
 
@@ -200,3 +193,73 @@ async def _column(settings, instance_id: str, column: str):
 
 
 
+
+
+INSUFFICIENT_CAPACITY = (
+    '<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error>'
+    "<Code>InsufficientInstanceCapacity</Code><Message>We currently do not have sufficient"
+    " g6.xlarge capacity in the Availability Zone you requested.</Message></Error></Errors>"
+    "<RequestID>cp-test</RequestID></Response>")
+
+
+async def test_no_capacity_on_the_first_offer_lands_on_the_second(settings, ec2_proxy, ami, ec2):
+    settings = aws_settings(settings, ec2_proxy, ami)
+    full = ec2_proxy.add_rule(contains="InstanceType=g6.xlarge", status=500,
+                              body=INSUFFICIENT_CAPACITY, headers={"Content-Type": "text/xml"})
+    async with RunningControlPlane(settings) as cp, cp.client() as client:
+        created = await client.post("/v1/instances", json={"model": "org/m", "offers": [
+            {"provider": "aws", "instance_type": "g6.xlarge", "zone": "us-east-1a"},
+            {"provider": "aws", "instance_type": "g5.xlarge"}]})
+        assert created.status_code == 202, created.text
+        instance_id = created.json()["id"]
+        booting = await eventually(lambda: _past_provisioning(client, instance_id), timeout=60,
+                                   message="created on the second offer")
+        assert (booting["instance_type"], booting["offer_index"]) == ("g5.xlarge", 1)
+        [machine] = machines_of(ec2, instance_id)
+        assert machine["InstanceType"] == "g5.xlarge"
+        assert full.hits >= 1
+        actions = (await client.get(f"/v1/instances/{instance_id}/actions")).json()["items"]
+        creates = [(a["metadata"]["instance_type"], a["status"]) for a in actions
+                   if a["action_type"] == "PROVIDER_CREATE"]
+        assert creates == [("g6.xlarge", "failed"), ("g5.xlarge", "succeeded")]
+        [failover] = [a for a in actions if a["action_type"] == "FAILOVER"]
+        assert "NoCapacity" in failover["metadata"]["reason"]
+        assert "trying aws g5.xlarge" in failover["metadata"]["message"]
+
+
+async def test_when_every_offer_fails_the_reason_lists_each_attempt(settings, ec2_proxy, ami, ec2):
+    settings = aws_settings(settings, ec2_proxy, ami)
+    ec2_proxy.add_rule(contains="Action=RunInstances", status=500, body=INSUFFICIENT_CAPACITY,
+                       headers={"Content-Type": "text/xml"})
+    async with RunningControlPlane(settings) as cp, cp.client() as client:
+        created = await client.post("/v1/instances", json={"model": "org/m", "offers": [
+            {"provider": "aws", "instance_type": "g6.xlarge"},
+            {"provider": "aws", "instance_type": "g5.xlarge"}]})
+        instance_id = created.json()["id"]
+        failed = await eventually(lambda: _in_status(client, instance_id, "terminated"),
+                                  timeout=60, message="failed and cleaned up")
+        reason = failed["failure_reason"]
+        assert reason.startswith("No acceptable offer could be created (2 tried)"), reason
+        assert "1) aws g6.xlarge: NoCapacity" in reason and "2) aws g5.xlarge: NoCapacity" in reason
+    assert machines_of(ec2, instance_id) == []
+
+
+async def test_a_provider_failing_every_call_opens_the_breaker_and_the_instance_fails_clearly(
+        settings, ec2_proxy, ami, ec2):
+    settings = aws_settings(settings, ec2_proxy, ami, provider_retries=0, provider_max_attempts=4,
+                            breaker_failure_threshold=2, breaker_reset_seconds=600)
+    down = ec2_proxy.add_rule(contains="Action=RunInstances", status=503, body="Service Unavailable")
+    async with RunningControlPlane(settings) as cp, cp.client() as client:
+        created = await client.post("/v1/instances", json={
+            "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})
+        instance_id = created.json()["id"]
+        failed = await eventually(lambda: _in_status(client, instance_id, "startup_failed"),
+                                  timeout=90, message="failed with a reason")
+        # (Its clean-up waits for the breaker too: it must first ask EC2 whether a machine exists.)
+        assert "CircuitOpen: aws (*) is failing: 2 consecutive failures" in failed["failure_reason"]
+        assert "gave up after 4 attempts" in failed["failure_reason"]
+        assert down.hits == 2, "an open breaker sends nothing more to the provider"
+        metrics = (await client.get("/metrics")).text
+        assert 'cp_provider_breaker_state{provider="aws",zone="*"} 2.0' in metrics
+        assert 'cp_provider_calls_total{operation="create",outcome="CircuitOpen",provider="aws"}' in metrics
+    assert machines_of(ec2, instance_id) == []
