@@ -64,12 +64,9 @@ class Providers:
         elif any(scw):
             raise SettingsError("Scaleway needs SCW_ACCESS_KEY, SCW_SECRET_KEY,"
                                 " SCW_DEFAULT_PROJECT_ID and CP_SCALEWAY_IMAGE together")
-        if sessions is not None:
-            try:  # TEMP until hosts.py lands
-                from control_plane.hosts import baremetal_provider
-                adapters.append(baremetal_provider(sessions, settings))
-            except ImportError:
-                pass
+        if sessions is not None:  # hosts live in Postgres
+            from control_plane.hosts import baremetal_provider
+            adapters.append(baremetal_provider(sessions, settings))
         if settings.local_provider not in ("auto", "on", "off"):
             raise SettingsError(f"CP_LOCAL_PROVIDER={settings.local_provider!r}: use auto, on or off")
         clouds = any(a.name in ("aws", "scaleway") for a in adapters)
@@ -103,6 +100,10 @@ class Providers:
     @property
     def names(self) -> list[str]:
         return sorted(self._adapters)
+
+    def forget_offers(self, name: str) -> None:
+        """Drop the cached offers of `name` (e.g. after a bare-metal host was registered)."""
+        self._offers.pop(name, None)
 
     async def offers(self, name: str) -> list[Offer]:
         cached = self._offers.get(name)

@@ -13,6 +13,7 @@ import typer
 
 from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app, join_tokens_app
+from control_plane.cli.hosts import hosts_app
 from control_plane.settings import Settings, SettingsError
 
 SHUTDOWN_GRACE_SECONDS = 10
@@ -24,6 +25,7 @@ apikey_app = typer.Typer(no_args_is_help=True, help="Manage admin API keys.")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(instances_app, name="instances")
 app.add_typer(join_tokens_app, name="join-token")
+app.add_typer(hosts_app, name="hosts")
 agent_app = typer.Typer(no_args_is_help=True, help="Agent release: checksum, build, version discipline.")
 app.add_typer(agent_app, name="agent")
 

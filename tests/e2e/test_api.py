@@ -30,7 +30,7 @@ async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
         assert undocumented == [], "the schema says which routes answer 401"
         for method, path in routes:
             url = path
-            for parameter in ("{instance_id}", "{command_id}", "{token_id}"):
+            for parameter in ("{instance_id}", "{command_id}", "{token_id}", "{host_id}"):
                 url = url.replace(parameter, str(uuid.uuid4()))
             for headers in ({}, {"Authorization": "Bearer cpk_not-a-key"},
                             {"Authorization": "Basic dXNlcjpwYXNz"}):
