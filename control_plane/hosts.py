@@ -1,6 +1,6 @@
 """The bare-metal host inventory: hosts owners registered, and which instance claimed each.
 
-Why it exists: the `baremetal` adapter (`adapters/baremetal.py`) needs somewhere to find a free
+Why it exists: the `baremetal` adapter (`adapters/baremetal/`) needs somewhere to find a free
 host of a type and to mark it taken, safely across replicas. This is that place, in Postgres:
 a claim is one short transaction (`FOR UPDATE SKIP LOCKED` on the free hosts of the type, then
 `claimed_by`, unique per instance), so two workers never get the same host and a retried claim

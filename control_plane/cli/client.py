@@ -40,10 +40,14 @@ DEFAULT_DATA_DIR = Path(".control-plane")
 
 @instances_app.command()
 def create(
-    provider: Annotated[str, typer.Option(help="local, scaleway, aws or baremetal")],
-    instance_type: Annotated[str, typer.Option(help="Provider instance type, e.g. local-gpu, L4-1-24G")],
     model: Annotated[str, typer.Option(help="Model vLLM serves, e.g. meta-llama/Llama-3.2-1B-Instruct")],
+    provider: Annotated[str | None, typer.Option(help="local, scaleway, aws or baremetal")] = None,
+    instance_type: Annotated[str | None, typer.Option(help="Provider instance type, e.g. local-gpu, L4-1-24G")] = None,
     zone: Annotated[str | None, typer.Option(help="Provider zone (default: the provider's)")] = None,
+    offer: Annotated[list[str] | None, typer.Option(
+        help="PROVIDER:TYPE[:ZONE], repeatable: acceptable offers, tried in order")] = None,
+    gpu_model: Annotated[str | None, typer.Option(
+        help="With no provider nor offer: the cheapest offer with this GPU (e.g. L4) wins")] = None,
     label: Labels = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Repeating a request with the same key creates one instance")] = None,
     instance_id: Annotated[uuid.UUID | None, typer.Option(help="Choose the instance id")] = None,
@@ -54,16 +58,19 @@ def create(
 ) -> None:
     """Request a GPU instance; prints its id on the last line of stdout."""
     body = {"provider": provider, "instance_type": instance_type, "model": model, "zone": zone,
+            "offers": [_offer(o) for o in offer] if offer else None, "gpu_model": gpu_model,
             "labels": _labels(label), "instance_id": str(instance_id) if instance_id else None,
             "idempotency_key": idempotency_key}
     body = {k: v for k, v in body.items() if v is not None}
+    where = f"{instance_type} on {provider}" if provider else (
+        f"{len(offer)} offers" if offer else f"the cheapest {gpu_model or 'GPU'} offer")
 
     async def run(api: Api) -> int:
         accepted = await api.call("POST", "/v1/instances", json=body)
         if json_out:
             print_json(accepted)
         else:
-            err.print(f"Requested {escape(instance_type)} on {escape(provider)} for {escape(model)}:"
+            err.print(f"Requested {escape(where)} for {escape(model)}:"
                       f" instance {accepted['id']} (command {escape(accepted['command_id'])})")
             typer.echo(accepted["id"])
         if not watch:
@@ -72,6 +79,14 @@ def create(
         return await watcher.run([accepted["id"]], created=True)
 
     run_session(url, api_key, data_dir, run)
+
+
+def _offer(text: str) -> dict[str, str]:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise typer.BadParameter(f"{text!r}: expected PROVIDER:TYPE or PROVIDER:TYPE:ZONE",
+                                 param_hint="--offer")
+    return dict(zip(("provider", "instance_type", "zone"), parts, strict=False))
 
 
 @instances_app.command("list")

@@ -149,6 +149,8 @@ async def test_errors_are_one_line_with_exit_code_2(control_plane):
         (("drain", unknown), env, (f"no instance {unknown}",)),
         (("create", "--provider", "local", "--instance-type", "no-such-type", "--model", MODEL),
          env, ("no-such-type", "instance_type:")),
+        (("create", "--offer", "local:local-gpu", "--offer", "local:nope", "--model", MODEL),
+         env, ("'nope'", "offers[1].instance_type:")),
         (("terminate", unknown), cli_env(cp, CP_API_KEY=read_key), ("admin key",)),
     ]
     results = await asyncio.gather(*(run(*args, env=e) for args, e, _ in cases))

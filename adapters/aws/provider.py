@@ -1,45 +1,8 @@
-"""The AWS EC2 provider: GPU machines as EC2 instances in one region.
+"""`AwsProvider`: the adapter contract on EC2, and `client_token`, its idempotency key.
 
-What it guarantees: the contract of `adapters.base`. Every boto3 call runs in a worker thread
-(`asyncio.to_thread`) through one client with botocore's `standard` retries (3 retries, so at
-most 4 attempts, on 5xx, connection errors, timeouts and throttling) and bounded connect/read
-timeouts; every SDK exception is mapped to a typed `ProviderError` in one place
-(`_map_error`). `create` is idempotent twice over: it first looks for a live instance tagged
-`cp-instance=<instance id>` (and `cp-cluster`), then for one launched with our `ClientToken`;
-only then does it call RunInstances, with that deterministic `ClientToken`, tags on the
-instance AND its volumes, and an explicit `DeleteOnTermination` on every block-device mapping
-(root volume: deleted with the machine; model-cache volume, when configured: kept, found by
-`list_tagged_volumes`, removed by `delete_volume`). Nothing logged or raised contains user
-data or credentials.
-
-Things callers should know about real EC2:
-
-- RunInstances starts the machine at once (EC2 has no "create stopped"); `start` is then a
-  no-op.
-- DescribeInstances is eventually consistent: for a few seconds after `create`, `describe`
-  may return `None` and `start` raises `NotReadyYet`. Terminated instances stay visible
-  (`terminated`) for about an hour, then `describe` returns `None`.
-- A `ClientToken` stays bound to its instance for at least 24 h after termination: creating
-  again with the same `instance_id` and the same parameters returns the old (terminated)
-  instance; with other parameters EC2 answers `IdempotentParameterMismatch` (`InvalidSpec`).
-  A replacement machine needs a new instance id.
-- EC2 sends capacity errors with HTTP 500, so botocore retries them before we report
-  `NoCapacity`; `RequestLimitExceeded` (HTTP 503) is retried with backoff, then `RateLimited`.
-
-Where moto (5.2, the test double) differs from real EC2:
-
-- `ClientToken` is not idempotent: the same token launches a second instance. And the
-  `client-token` filter of DescribeInstances is not implemented (HTTP 500 with an HTML page
-  once the region holds any instance): `create` logs a warning and goes on (the tag lookup
-  has been made); the tests answer that lookup through their fault proxy instead.
-- State changes are instant (`pending` only in the RunInstances answer; terminate gives
-  `terminated` at once, never `shutting-down`).
-- Volume attachments lack `DeleteOnTermination` (DescribeVolumes); it is read from the
-  instance's block-device mappings instead, which moto does fill.
-- StartInstances revives a terminated instance (EC2 answers `IncorrectInstanceState`); `start`
-  therefore checks the state first.
-- RunInstances accepts unknown instance types and unknown AMIs; DescribeVolumes and
-  DescribeInstanceTypeOfferings ignore `MaxResults` (one page).
+Every call goes through `_run` (a worker thread, SDK exceptions mapped by `_errors`); answers
+are turned into `Machine`/`Volume` by `_resources` and this module's `_to_volumes`. Guarantees
+and the differences between real EC2 and moto are described on the package, `adapters.aws`.
 """
 
 from __future__ import annotations
@@ -47,83 +10,44 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import boto3
 from botocore import xform_name
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError,
-    CredentialRetrievalError,
-    HTTPClientError,
-    NoCredentialsError,
-    ParamValidationError,
-    PartialCredentialsError,
-    TokenRetrievalError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 from botocore.parsers import ResponseParserError
 
+from adapters.aws._errors import _code, _map_error
+from adapters.aws._resources import (
+    _has_tags,
+    _live_attachments,
+    _tag_filters,
+    _tags_of,
+    _to_machine,
+)
+from adapters.aws.catalog import CATALOG
 from adapters.base import (
     TAG_CLUSTER,
     TAG_INSTANCE,
-    AuthError,
     InvalidSpec,
     Machine,
     MachineSpec,
-    MachineState,
-    NoCapacity,
     NotReadyYet,
     Offer,
-    PermanentProviderError,
     ProviderAdapter,
-    ProviderError,
     ProviderUnavailable,
-    QuotaExceeded,
-    RateLimited,
     Volume,
 )
 
-logger = logging.getLogger(__name__)
+# The package's name, as before the split into modules: log configuration keeps applying.
+logger = logging.getLogger("adapters.aws")
 
 NAME = "aws"
 CACHE_DEVICE = "/dev/sdf"
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 """States in which an instance can still serve us (a create lookup returns it)."""
-
-
-class GpuType(NamedTuple):
-    gpus: int
-    gpu_model: str
-    usd_per_hour: float
-
-
-# On-demand Linux list prices in us-east-1, as of 2025-07 (after the June 2025 P4/P5 price
-# cut). Other regions cost more or less: pass `prices` to correct them.
-CATALOG: dict[str, GpuType] = {
-    "g5.xlarge": GpuType(1, "A10G", 1.006),
-    "g5.2xlarge": GpuType(1, "A10G", 1.212),
-    "g5.12xlarge": GpuType(4, "A10G", 5.672),
-    "g5.48xlarge": GpuType(8, "A10G", 16.288),
-    "g6.xlarge": GpuType(1, "L4", 0.8048),
-    "g6.12xlarge": GpuType(4, "L4", 4.6016),
-    "g6e.xlarge": GpuType(1, "L40S", 1.861),
-    "g6e.12xlarge": GpuType(4, "L40S", 10.493),
-    "p4d.24xlarge": GpuType(8, "A100", 21.96),
-    "p5.48xlarge": GpuType(8, "H100", 55.04),
-}
-
-_STATES: dict[str, MachineState] = {
-    "pending": "pending",
-    "running": "running",
-    "stopping": "stopping",
-    "shutting-down": "stopping",
-    "stopped": "stopped",
-    "terminated": "terminated",
-}
 
 # MaxResults bounds per operation (EC2 rejects pages outside them).
 _PAGE_LIMITS = {"DescribeInstances": 1000, "DescribeVolumes": 500,
@@ -134,7 +58,7 @@ _T = TypeVar("_T")
 
 
 class AwsProvider(ProviderAdapter):
-    """GPU machines as EC2 instances (see the module docstring)."""
+    """GPU machines as EC2 instances (see the `adapters.aws` package docstring)."""
 
     name = NAME
 
@@ -435,80 +359,3 @@ class _Missing(Exception):
 def client_token(instance_id: str) -> str:
     """RunInstances' idempotency token for an instance id: deterministic, 35 ASCII chars."""
     return "cp-" + hashlib.sha256(instance_id.encode()).hexdigest()[:32]
-
-
-_ERRORS: dict[str, type[ProviderError]] = {
-    **dict.fromkeys(["InsufficientInstanceCapacity", "InsufficientCapacity",
-                     "InsufficientHostCapacity", "Unsupported"], NoCapacity),
-    **dict.fromkeys(["InstanceLimitExceeded", "VcpuLimitExceeded",
-                     "MaxSpotInstanceCountExceeded", "VolumeLimitExceeded"], QuotaExceeded),
-    **dict.fromkeys(["AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId",
-                     "SignatureDoesNotMatch", "OptInRequired"], AuthError),
-    **dict.fromkeys(["RequestLimitExceeded", "Throttling"], RateLimited),
-    # IdempotentParameterMismatch: our ClientToken (derived from the instance id) was used
-    # before with other parameters (another type or zone for the same instance id, maybe a
-    # machine terminated less than a day ago). Retrying the same request cannot succeed.
-    **dict.fromkeys(["InvalidParameterValue", "InvalidParameterCombination",
-                     "IdempotentParameterMismatch", "MissingParameter"], InvalidSpec),
-    **dict.fromkeys(["IncorrectInstanceState", "IncorrectState", "VolumeInUse"], NotReadyYet),
-}
-_ERROR_PREFIXES: dict[str, type[ProviderError]] = {"InvalidAMIID.": InvalidSpec}
-_CREDENTIAL_ERRORS = (NoCredentialsError, PartialCredentialsError, CredentialRetrievalError,
-                      TokenRetrievalError)
-
-
-def _map_error(operation: str, exc: Exception) -> ProviderError:
-    """The typed error for an SDK exception: by AWS error code first, then HTTP status."""
-    if isinstance(exc, ClientError):
-        code = _code(exc)
-        message = exc.response.get("Error", {}).get("Message", "")
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
-        cls = _ERRORS.get(code) or next(
-            (c for prefix, c in _ERROR_PREFIXES.items() if code.startswith(prefix)), None)
-        if cls is None and status == 429:
-            cls = RateLimited
-        if cls is None:
-            cls = ProviderUnavailable if status >= 500 else PermanentProviderError
-        return cls(f"AWS {operation} failed: {code} (HTTP {status}): {message}")
-    if isinstance(exc, _CREDENTIAL_ERRORS):
-        return AuthError(f"AWS {operation} failed: no usable credentials ({type(exc).__name__})")
-    if isinstance(exc, ParamValidationError):
-        report = re.sub(r"value: .*", "value: <hidden>", str(exc))  # values may be secrets
-        return InvalidSpec(f"AWS {operation} parameters were rejected by botocore: {report}")
-    if isinstance(exc, (ConnectionError, HTTPClientError, ResponseParserError)):
-        return ProviderUnavailable(
-            f"AWS {operation} failed: {type(exc).__name__}: {str(exc)[:300]}")
-    return PermanentProviderError(f"AWS {operation} failed: {type(exc).__name__}")
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "Unknown"))
-
-
-def _tag_filters(tags: dict[str, str]) -> list[dict[str, Any]]:
-    return [{"Name": f"tag:{k}", "Values": [v]} for k, v in tags.items()]
-
-
-def _has_tags(resource: dict[str, Any], tags: dict[str, str]) -> bool:
-    """Exact match (EC2 filters treat `*` and `?` in values as wildcards)."""
-    own = _tags_of(resource)
-    return all(own.get(k) == v for k, v in tags.items())
-
-
-def _tags_of(resource: dict[str, Any]) -> dict[str, str]:
-    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
-
-
-def _live_attachments(volume: dict[str, Any]) -> list[dict[str, Any]]:
-    return [a for a in volume.get("Attachments", [])
-            if a.get("InstanceId") and a.get("State") != "detached"]
-
-
-def _to_machine(instance: dict[str, Any], fallback_tags: dict[str, str] | None = None) -> Machine:
-    return Machine(
-        provider_instance_id=instance["InstanceId"],
-        state=_STATES.get(instance["State"]["Name"], "pending"),
-        ip=instance.get("PublicIpAddress") or instance.get("PrivateIpAddress"),
-        zone=instance.get("Placement", {}).get("AvailabilityZone"),
-        tags=_tags_of(instance) or dict(fallback_tags or {}),
-    )
