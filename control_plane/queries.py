@@ -15,6 +15,7 @@ from control_plane.api.schemas import (
     ActionItem,
     ActionPage,
     AgentInfo,
+    Fleet,
     HistoryItem,
     HistoryPage,
     InstanceOut,
@@ -22,6 +23,7 @@ from control_plane.api.schemas import (
     VolumeItem,
     VolumePage,
 )
+from control_plane.lifecycle.states import ACTIVE_STATUSES
 
 
 class NotFound(LookupError):
@@ -138,3 +140,33 @@ def _decode_instance_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         return datetime.fromisoformat(created), uuid.UUID(last_id)
     except ValueError:
         raise BadCursor("invalid cursor") from None
+
+
+ACTIVE = tuple(s.value for s in ACTIVE_STATUSES)
+
+
+async def fleet(session: AsyncSession, providers: list[str]) -> Fleet:
+    """Counts by status and provider, and cost. A machine is billed from the moment its
+    provider created it (the instance entered `booting`) until it was terminated."""
+    counts = (await session.execute(text(
+        "SELECT provider, status, count(*) AS n FROM instances WHERE status <> 'archived'"
+        " GROUP BY provider, status"))).all()
+    by_status: dict[str, int] = {}
+    by_provider: dict[str, dict[str, int]] = {}
+    for r in counts:
+        by_status[r.status] = by_status.get(r.status, 0) + r.n
+        if r.status in ACTIVE:
+            by_provider.setdefault(r.provider, {})[r.status] = r.n
+    rate = (await session.execute(text(
+        "SELECT currency, sum(hourly_price) AS v FROM instances WHERE status = ANY(:active)"
+        " AND provider_instance_id IS NOT NULL AND hourly_price IS NOT NULL GROUP BY currency"),
+        {"active": list(ACTIVE)})).all()
+    spent = (await session.execute(text(
+        "SELECT i.currency, sum(i.hourly_price * extract(epoch FROM coalesce(i.terminated_at, now())"
+        " - b.at) / 3600) AS v FROM instances i JOIN LATERAL (SELECT min(at) AS at"
+        " FROM instance_state_history h WHERE h.instance_id = i.id AND h.to_status = 'booting') b"
+        " ON b.at IS NOT NULL WHERE i.hourly_price IS NOT NULL GROUP BY i.currency"))).all()
+    return Fleet(by_status=by_status, by_provider=by_provider,
+                 cost_rate_per_hour={r.currency: round(float(r.v), 4) for r in rate},
+                 cost_so_far={r.currency: round(float(r.v), 4) for r in spent},
+                 providers=providers)

@@ -123,6 +123,20 @@ class VolumeItem(msgspec.Struct):
     deleted_at: datetime | None
 
 
+class Fleet(msgspec.Struct):
+    """The fleet at a glance."""
+
+    by_status: dict[str, int]
+    """Instances per status (archived ones left out)."""
+    by_provider: dict[str, dict[str, int]]
+    """Active instances per provider, per status."""
+    cost_rate_per_hour: dict[str, float]
+    """What the machines running now cost per hour, per currency."""
+    cost_so_far: dict[str, float]
+    """What every machine cost since its provider created it, per currency."""
+    providers: list[str]
+
+
 class InstancePage(msgspec.Struct):
     items: list[InstanceOut]
     next: str | None
