@@ -6,19 +6,21 @@ so instances really reach `ready` with a verified agent. See tests/support/cloud
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
-import signal
-from pathlib import Path
 
-import asyncpg
 import pytest
 
 from adapters.base import TAG_CLUSTER, TAG_INSTANCE
-from control_plane.db.engine import asyncpg_dsn
-from tests.conftest import RunningControlPlane, eventually, free_port
-from tests.e2e.test_up_command import EXE, env_for
+from tests.conftest import RunningControlPlane, eventually
+from tests.e2e.cloud_helpers import (
+    create_then_sigkill,
+    failed,
+    in_status,
+    past_provisioning,
+    up_process,
+)
+from tests.e2e.test_up_command import env_for
 from tests.integration.providers.conftest import REGION
 from tests.support.cloud_boot import CloudBoot
 
@@ -60,13 +62,6 @@ def tagged_volumes(ec2, cluster: str):
     return ec2.describe_volumes(Filters=[{"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]}])["Volumes"]
 
 
-async def status_of(client, instance_id: str) -> dict | None:
-    """The instance, or None while its create command is still on its way."""
-    response = await client.get(f"/v1/instances/{instance_id}")
-    assert response.status_code in (200, 404), response.text
-    return response.json() if response.status_code == 200 else None
-
-
 async def test_an_aws_instance_boots_to_ready_and_terminates_leaving_only_its_kept_volume(
         settings, ec2_proxy, ami, ec2, tmp_path):
     settings = aws_settings(settings, ec2_proxy, ami)
@@ -81,7 +76,7 @@ async def test_an_aws_instance_boots_to_ready_and_terminates_leaving_only_its_ke
             assert created.status_code == 202, created.text
             instance_id = created.json()["id"]
             ready = await eventually(
-                lambda: _in_status(client, instance_id, "ready"), timeout=60, message="ready")
+                lambda: in_status(client, instance_id, "ready"), timeout=60, message="ready")
             assert ready["agent"]["integrity"] == "verified"
             assert ready["hourly_price"] > 0 and ready["currency"] == "USD"
             [machine] = machines_of(ec2, instance_id)
@@ -93,7 +88,7 @@ async def test_an_aws_instance_boots_to_ready_and_terminates_leaving_only_its_ke
 
             assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
             done = await eventually(
-                lambda: _in_status(client, instance_id, "terminated"), timeout=60, message="terminated")
+                lambda: in_status(client, instance_id, "terminated"), timeout=60, message="terminated")
             assert done["progress"] == 100
             volumes = (await client.get(f"/v1/instances/{instance_id}/volumes")).json()["items"]
             assert sorted((v["is_boot"], v["status"]) for v in volumes) == [
@@ -118,87 +113,24 @@ async def test_sigkill_between_create_sent_and_recorded_yields_one_machine(
         "CP_ADMIN_API_KEY": settings.admin_api_key, "CP_WORKER_POLL_SECONDS": "0.5",
         "CP_AGENT_TOKEN_SECRET": "test-secret-shared-by-both-runs"}
     held = ec2_proxy.add_rule(contains="Action=RunInstances", forward_then_hang=True, times=1)
-    first = await _up(env, tmp_path / "first.log")
-    try:
-        async with _client(first[1], settings) as client:
-            created = await client.post("/v1/instances", json={
-                "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})
-            instance_id = created.json()["id"]
-        await eventually(lambda: _true(held.hits == 1 and len(machines_of(ec2, instance_id)) == 1),
-                         timeout=30, message="the create reached EC2")
-    finally:
-        first[0].send_signal(signal.SIGKILL)
-        await first[0].wait()
-    assert await _column(settings, instance_id, "provider_instance_id") is None, "not recorded"
+    instance_id = await create_then_sigkill(
+        env, tmp_path / "first.log", settings.admin_api_key, settings.database_url, held,
+        {"provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"},
+        lambda i: machines_of(ec2, i))
 
-    second = await _up(env, tmp_path / "second.log")
-    try:
-        async with _client(second[1], settings) as client:
-            booting = await eventually(
-                lambda: _past_provisioning(client, instance_id), timeout=60, message="create recorded")
-            [machine] = machines_of(ec2, instance_id)
-            assert booting["provider_instance_id"] == machine["InstanceId"]
-            assert ec2_proxy.count("Action=RunInstances") == 1, "the retry found the machine"
-            assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
-            await eventually(lambda: _in_status(client, instance_id, "terminated"), timeout=60,
-                             message="terminated")
-    finally:
-        second[0].send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(second[0].wait(), 30) == 0
+    async with up_process(env, tmp_path / "second.log", settings.admin_api_key) as client:
+        booting = await eventually(lambda: past_provisioning(client, instance_id), timeout=60,
+                                   message="create recorded")
+        [machine] = machines_of(ec2, instance_id)
+        assert booting["provider_instance_id"] == machine["InstanceId"]
+        assert ec2_proxy.count("Action=RunInstances") == 1, "the retry found the machine"
+        assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+        await eventually(lambda: in_status(client, instance_id, "terminated"), timeout=60,
+                         message="terminated")
     assert machines_of(ec2, instance_id) == []
-    assert all(not v["Attachments"] for v in tagged_volumes(ec2, settings.cluster_name))
-    kept = [v for v in tagged_volumes(ec2, settings.cluster_name)]
-    assert len(kept) == 1 and kept[0]["Size"] == 50, "only the persistent model cache is left"
-
-
-async def _up(env: dict[str, str], log: Path):
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        EXE, "up", "--port", str(port), env=env | {"CP_PORT": str(port)},
-        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("ab"))
-    await eventually(lambda: _true("listening on" in log.read_text() or proc.returncode is not None),
-                     timeout=40, message="control plane start")
-    assert proc.returncode is None, log.read_text()[-3000:]
-    return proc, port
-
-
-def _client(port: int, settings):
-    import httpx
-    return httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10,
-                             headers={"Authorization": f"Bearer {settings.admin_api_key}"})
-
-
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _in_status(client, instance_id: str, status: str) -> dict | None:
-    body = await status_of(client, instance_id) or {"status": None}
-    unexpected = {"startup_failed", "provider_deleted"} - {status}
-    assert body["status"] not in unexpected or status == "terminated" and body["failure_reason"], body
-    return body if body["status"] == status else None
-
-
-async def _failed(client, instance_id: str) -> dict | None:
-    """The instance once its start failed (it moves on to `terminating` at once)."""
-    body = await status_of(client, instance_id)
-    return body if body and body["failure_reason"] else None
-
-
-async def _past_provisioning(client, instance_id: str) -> dict | None:
-    body = await status_of(client, instance_id)
-    return body if body and body["provider_instance_id"] else None
-
-
-async def _column(settings, instance_id: str, column: str):
-    conn = await asyncpg.connect(asyncpg_dsn(settings.database_url))
-    try:
-        return await conn.fetchval(f"SELECT {column} FROM instances WHERE id = $1::uuid", instance_id)
-    finally:
-        await conn.close()
-
-
-
+    kept = tagged_volumes(ec2, settings.cluster_name)
+    assert len(kept) == 1 and kept[0]["Size"] == 50 and not kept[0]["Attachments"], \
+        "only the persistent model cache is left"
 
 
 INSUFFICIENT_CAPACITY = (
@@ -218,7 +150,7 @@ async def test_no_capacity_on_the_first_offer_lands_on_the_second(settings, ec2_
             {"provider": "aws", "instance_type": "g5.xlarge"}]})
         assert created.status_code == 202, created.text
         instance_id = created.json()["id"]
-        booting = await eventually(lambda: _past_provisioning(client, instance_id), timeout=60,
+        booting = await eventually(lambda: past_provisioning(client, instance_id), timeout=60,
                                    message="created on the second offer")
         assert (booting["instance_type"], booting["offer_index"]) == ("g5.xlarge", 1)
         [machine] = machines_of(ec2, instance_id)
@@ -242,9 +174,9 @@ async def test_when_every_offer_fails_the_reason_lists_each_attempt(settings, ec
             {"provider": "aws", "instance_type": "g6.xlarge"},
             {"provider": "aws", "instance_type": "g5.xlarge"}]})
         instance_id = created.json()["id"]
-        failed = await eventually(lambda: _in_status(client, instance_id, "terminated"),
-                                  timeout=60, message="failed and cleaned up")
-        reason = failed["failure_reason"]
+        ended = await eventually(lambda: in_status(client, instance_id, "terminated"),
+                                 timeout=60, message="failed and cleaned up")
+        reason = ended["failure_reason"]
         assert reason.startswith("No acceptable offer could be created (2 tried)"), reason
         assert "1) aws g6.xlarge: NoCapacity" in reason and "2) aws g5.xlarge: NoCapacity" in reason
     assert machines_of(ec2, instance_id) == []
@@ -259,11 +191,11 @@ async def test_a_provider_failing_every_call_opens_the_breaker_and_the_instance_
         created = await client.post("/v1/instances", json={
             "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})
         instance_id = created.json()["id"]
-        failed = await eventually(lambda: _failed(client, instance_id), timeout=90,
-                                  message="failed with a reason")
+        gave_up = await eventually(lambda: failed(client, instance_id), timeout=90,
+                                   message="failed with a reason")
         # (Its clean-up waits for the breaker too: it must first ask EC2 whether a machine exists.)
-        assert "CircuitOpen: aws (*) is failing: 2 consecutive failures" in failed["failure_reason"]
-        assert "gave up after 4 attempts" in failed["failure_reason"]
+        assert "CircuitOpen: aws (*) is failing: 2 consecutive failures" in gave_up["failure_reason"]
+        assert "gave up after 4 attempts" in gave_up["failure_reason"]
         assert down.hits == 2, "an open breaker sends nothing more to the provider"
         metrics = (await client.get("/metrics")).text
         assert 'cp_provider_breaker_state{provider="aws",zone="*"} 2.0' in metrics

@@ -3,24 +3,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import signal
 
 import pytest
 
 from adapters.base import TAG_CLUSTER, TAG_INSTANCE
 from tests.conftest import RunningControlPlane, eventually
-from tests.e2e.test_aws_lifecycle import (
-    _client,
-    _column,
-    _in_status,
-    _past_provisioning,
-    _true,
-    _up,
-    aws_settings,
-    machines_of,
-)
+from tests.e2e.cloud_helpers import create_then_sigkill, in_status, past_provisioning, up_process
+from tests.e2e.test_aws_lifecycle import aws_settings, machines_of
 from tests.e2e.test_up_command import env_for
 from tests.standins.scaleway_api import ScalewayStandIn
 from tests.support.cloud_boot import CloudBoot
@@ -78,7 +68,7 @@ async def test_a_scaleway_instance_boots_to_ready_and_terminate_leaves_no_volume
                 "provider": "scaleway", "instance_type": "L4-1-24G", "zone": ZONE, "model": "org/m"})
             assert created.status_code == 202, created.text
             instance_id = created.json()["id"]
-            ready = await eventually(lambda: _in_status(client, instance_id, "ready"), timeout=60,
+            ready = await eventually(lambda: in_status(client, instance_id, "ready"), timeout=60,
                                      message="ready")
             assert ready["agent"]["integrity"] == "verified"
             assert ready["hourly_price"] > 0 and ready["currency"] == "EUR"
@@ -91,7 +81,7 @@ async def test_a_scaleway_instance_boots_to_ready_and_terminate_leaves_no_volume
                 (True, "sbs_", True)], "one Block boot volume, deleted with the machine"
 
             assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
-            await eventually(lambda: _in_status(client, instance_id, "terminated"), timeout=60,
+            await eventually(lambda: in_status(client, instance_id, "terminated"), timeout=60,
                              message="terminated")
             volumes = (await client.get(f"/v1/instances/{instance_id}/volumes")).json()["items"]
             assert [v["status"] for v in volumes] == ["deleted"]
@@ -105,35 +95,22 @@ async def test_sigkill_between_create_sent_and_recorded_yields_one_server(
     settings = scw_settings(settings, proxy)
     env = scw_env(settings)
     held = proxy.add_rule(method="POST", path=r"/servers$", forward_then_hang=True, times=1)
-    first = await _up(env, tmp_path / "first.log")
-    try:
-        async with _client(first[1], settings) as client:
-            created = await client.post("/v1/instances", json={
-                "provider": "scaleway", "instance_type": "L4-1-24G", "model": "org/m"})
-            instance_id = created.json()["id"]
-        await eventually(lambda: _true(held.hits == 1 and len(ours(standin, instance_id)) == 1),
-                         timeout=30, message="the create reached Scaleway")
-    finally:
-        first[0].send_signal(signal.SIGKILL)
-        await first[0].wait()
-    assert await _column(settings, instance_id, "provider_instance_id") is None, "not recorded"
+    instance_id = await create_then_sigkill(
+        env, tmp_path / "first.log", settings.admin_api_key, settings.database_url, held,
+        {"provider": "scaleway", "instance_type": "L4-1-24G", "model": "org/m"},
+        lambda i: ours(standin, i))
     assert standin.user_data(ZONE, ours(standin, instance_id)[0]["id"]) == {}, "killed before user data"
 
-    second = await _up(env, tmp_path / "second.log")
-    try:
-        async with _client(second[1], settings) as client:
-            booting = await eventually(lambda: _past_provisioning(client, instance_id), timeout=60,
-                                       message="create recorded")
-            [server] = ours(standin, instance_id)
-            assert booting["provider_instance_id"] == f"{ZONE}/{server['id']}"
-            assert proxy.count(method="POST", path=r"/servers$") == 1, "the retry found the server"
-            assert "cloud-init" in standin.user_data(ZONE, server["id"]), "and finished its set-up"
-            assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
-            await eventually(lambda: _in_status(client, instance_id, "terminated"), timeout=60,
-                             message="terminated")
-    finally:
-        second[0].send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(second[0].wait(), 30) == 0
+    async with up_process(env, tmp_path / "second.log", settings.admin_api_key) as client:
+        booting = await eventually(lambda: past_provisioning(client, instance_id), timeout=60,
+                                   message="create recorded")
+        [server] = ours(standin, instance_id)
+        assert booting["provider_instance_id"] == f"{ZONE}/{server['id']}"
+        assert proxy.count(method="POST", path=r"/servers$") == 1, "the retry found the server"
+        assert "cloud-init" in standin.user_data(ZONE, server["id"]), "and finished its set-up"
+        assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+        await eventually(lambda: in_status(client, instance_id, "terminated"), timeout=60,
+                         message="terminated")
     assert ours(standin) == [] and standin.ips() == [] and standin.block_volumes() == []
 
 
@@ -148,7 +125,7 @@ async def test_out_of_stock_on_scaleway_fails_over_to_aws(
             {"provider": "aws", "instance_type": "g6.xlarge"}]})
         assert created.status_code == 202, created.text
         instance_id = created.json()["id"]
-        moved = await eventually(lambda: _past_provisioning(client, instance_id), timeout=60,
+        moved = await eventually(lambda: past_provisioning(client, instance_id), timeout=60,
                                  message="created on AWS")
         assert (moved["provider"], moved["instance_type"], moved["currency"]) == ("aws", "g6.xlarge", "USD")
         [machine] = machines_of(ec2, instance_id)
@@ -159,7 +136,7 @@ async def test_out_of_stock_on_scaleway_fails_over_to_aws(
         assert failover["metadata"]["message"].startswith(
             f"scaleway L4-1-24G in {ZONE} failed (NoCapacity:")
         assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
-        await eventually(lambda: _in_status(client, instance_id, "terminated"), timeout=60,
+        await eventually(lambda: in_status(client, instance_id, "terminated"), timeout=60,
                          message="terminated")
     assert machines_of(ec2, instance_id) == []
 
@@ -171,7 +148,7 @@ async def test_cheapest_matching_offer_wins_when_none_is_named(settings, scalewa
     async with RunningControlPlane(settings) as cp, cp.client() as client:
         created = await client.post("/v1/instances", json={"model": "org/m", "gpu_model": "L4"})
         assert created.status_code == 202, created.text
-        chosen = await eventually(lambda: _past_provisioning(client, created.json()["id"]),
+        chosen = await eventually(lambda: past_provisioning(client, created.json()["id"]),
                                   timeout=60, message="created")
         offers = chosen["offers"]
         assert all("L4" in o["instance_type"] or o["provider"] == "aws" for o in offers)
