@@ -14,14 +14,15 @@ import uuid
 from collections.abc import AsyncIterator
 
 from litestar import Controller, Request, Response, get, post
-from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.exceptions import NotAuthorizedException, NotFoundException, ValidationException
+from litestar.exceptions.responses import create_exception_response
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from control_plane import agents, registration
+from control_plane import agents, metrics, registration
 from control_plane.agent_release import INSTALL_SCRIPT, current_release
-from control_plane.api.auth import require_agent_signature, require_join_token
+from control_plane.api.auth import AgentRefused, require_agent_signature, require_join_token
 from control_plane.api.instances import error_responses
 from control_plane.api.schemas import (
     AgentEventBody,
@@ -45,6 +46,12 @@ def _errors(*codes: int) -> dict[int, ResponseSpec]:
 AGENT_ERRORS = _errors(400, 401, 409, 503)
 
 
+def _heartbeat_refused(request: Request, exc: AgentRefused | ValidationException) -> Response:
+    """Count a refused heartbeat (`cp_heartbeats_total`), then answer as for any request."""
+    metrics.heartbeat_rejected(exc.reason if isinstance(exc, AgentRefused) else "invalid")
+    return create_exception_response(request, exc)
+
+
 class AgentController(Controller):
     path = "/v1/agent"
     tags = ["agent"]
@@ -57,11 +64,18 @@ class AgentController(Controller):
                                             request.state.agent, data)
 
     @post("/heartbeat", status_code=200, summary="Report liveness, agent info and metrics",
-          responses=AGENT_ERRORS)
+          responses=AGENT_ERRORS,
+          exception_handlers={AgentRefused: _heartbeat_refused, ValidationException: _heartbeat_refused})
     async def heartbeat(self, request: Request, data: JSONBody[HeartbeatBody]) -> AgentReportAnswer:
         runtime = request.app.state.runtime
-        return await agents.record_heartbeat(runtime.pool, runtime.sessions, request.state.agent,
-                                             data, current_release())
+        try:
+            answer = await agents.record_heartbeat(runtime.pool, runtime.sessions, request.state.agent,
+                                                   data, current_release())
+        except agents.AgentConflict:
+            metrics.heartbeat_rejected("revoked")  # no longer live, or revoked since the guard
+            raise
+        metrics.HEARTBEAT_ACCEPTED.inc()
+        return answer
 
     @post("/events", status_code=200, summary="Report an event on the node (engine crash, drain…)",
           responses=AGENT_ERRORS)

@@ -11,7 +11,6 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import exc as sa_exc
@@ -20,14 +19,16 @@ from sqlalchemy import text
 from control_plane.agents import AgentConflict
 from control_plane.api.agent import AgentController, AgentInstallController
 from control_plane.api.auth import require_api_key
+from control_plane.api.dashboard import DASHBOARD_ROUTES
 from control_plane.api.events import EventController
 from control_plane.api.hosts import HostController
 from control_plane.api.instances import (
     InstanceController,
     InstanceExists,
     JoinTokenController,
-    error_responses,
+    fleet,
 )
+from control_plane.api.metrics import metrics
 from control_plane.api.schemas import Health
 from control_plane.providers import UnknownOffer
 from control_plane.queries import BadCursor, NotFound
@@ -95,18 +96,13 @@ def _internal(request: Request, exc: Exception) -> Response:
     return _error(500, "internal server error")
 
 
-@get("/metrics", summary="Prometheus metrics (scrape with the API key as bearer token)",
-     media_type=CONTENT_TYPE_LATEST, responses=error_responses(401))
-async def metrics() -> Response[bytes]:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
 def create_app(runtime: Runtime) -> Litestar:
     admin = Router(path="/", route_handlers=[InstanceController, JoinTokenController, EventController,
-                                             HostController, metrics],
+                                             HostController, metrics, fleet],
                    guards=[require_api_key])
     app = Litestar(
-        route_handlers=[healthz, readyz, admin, AgentController, AgentInstallController],
+        route_handlers=[healthz, readyz, admin, AgentController, AgentInstallController,
+                        *DASHBOARD_ROUTES],
         exception_handlers={
             NotFound: _not_found,
             InstanceExists: _conflict,

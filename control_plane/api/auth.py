@@ -23,8 +23,18 @@ from control_plane.security import agent_token, bearer, digest
 from worker_agent import signing
 
 _READ_METHODS = {"GET", "HEAD", "OPTIONS"}
+_UNKNOWN_AGENT = "unknown instance or revoked agent credential"
 AGENT_TOKEN_CACHE_SECONDS = 60.0
 _NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+class AgentRefused(NotAuthorizedException):
+    """A 401 for an agent request, with `reason` (one of `metrics.HEARTBEAT_REJECTIONS`) for
+    counting; the detail told to the caller never says whether an instance exists."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail=detail)
+        self.reason = reason
 
 
 async def require_api_key(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -52,8 +62,8 @@ async def require_agent_signature(connection: ASGIConnection, _: BaseRouteHandle
         signing.INSTANCE_HEADER, signing.TIMESTAMP_HEADER, signing.NONCE_HEADER,
         signing.SIGNATURE_HEADER))
     if not (instance and timestamp and nonce and given):
-        raise NotAuthorizedException(
-            "unsigned agent request: send X-Agent-Instance, X-Agent-Timestamp, X-Agent-Nonce"
+        raise AgentRefused(
+            "invalid", "unsigned agent request: send X-Agent-Instance, X-Agent-Timestamp, X-Agent-Nonce"
             " and X-Agent-Signature (HMAC-SHA256 with the instance's token)")
     runtime = connection.app.state.runtime
     skew = runtime.settings.agent_signature_max_skew_seconds
@@ -61,26 +71,24 @@ async def require_agent_signature(connection: ASGIConnection, _: BaseRouteHandle
         instance_id = uuid.UUID(instance)
         off = abs(time.time() - int(timestamp))
     except ValueError:
-        raise NotAuthorizedException("malformed X-Agent-Instance or X-Agent-Timestamp") from None
+        raise AgentRefused("invalid", "malformed X-Agent-Instance or X-Agent-Timestamp") from None
     if off > skew:
-        raise NotAuthorizedException(
-            f"request timestamp is {off:.0f} s away from the control plane's clock (max {skew:.0f} s)")
+        raise AgentRefused(
+            "stale", f"request timestamp is {off:.0f} s away from the control plane's clock (max {skew:.0f} s)")
     if not _NONCE.fullmatch(nonce):
-        raise NotAuthorizedException("X-Agent-Nonce must be 16-64 characters of [A-Za-z0-9_-]")
+        raise AgentRefused("invalid", "X-Agent-Nonce must be 16-64 characters of [A-Za-z0-9_-]")
     identity = await _agent(runtime, instance_id)
-    if identity is None:
-        raise NotAuthorizedException("unknown instance or revoked agent credential")
     body = await connection.body() if isinstance(connection, Request) else b""
     path = connection.scope["raw_path"].decode()
     if query := connection.scope.get("query_string", b"").decode():
         path = f"{path}?{query}"
     method = connection.scope.get("method", "GET")
     if not signing.valid(identity.token, method, path, timestamp, nonce, body, given):
-        raise NotAuthorizedException("bad agent request signature")
+        raise AgentRefused("bad_signature", "bad agent request signature")
     fresh = await runtime.redis.set(f"cp:agent-nonce:{instance_id}:{nonce}", 1, nx=True,
                                     ex=max(1, int(2 * skew)))
     if not fresh:
-        raise NotAuthorizedException("replayed agent request: this nonce was already used")
+        raise AgentRefused("replay", "replayed agent request: this nonce was already used")
     connection.state.agent = identity
 
 
@@ -96,18 +104,19 @@ async def require_join_token(connection: ASGIConnection, _: BaseRouteHandler) ->
     connection.state.join_token = token
 
 
-async def _agent(runtime, instance_id: uuid.UUID) -> agents.AgentIdentity | None:
+async def _agent(runtime, instance_id: uuid.UUID) -> agents.AgentIdentity:
+    """The instance's identity; raises `AgentRefused` when unknown or revoked."""
     hit = runtime.agent_token_cache.get(instance_id)
     if hit and time.monotonic() - hit[0] < AGENT_TOKEN_CACHE_SECONDS:
         return hit[1]
     token = agent_token(runtime.agent_token_secret, instance_id)
     async with runtime.sessions() as session:
         live = (await session.execute(
-            text("SELECT 1 FROM instances WHERE id = :id AND agent_token_hash = :h"
-                 " AND credential_revoked_at IS NULL"),
-            {"id": instance_id, "h": digest(token)})).first()
-    if live is None:
-        return None
+            text("SELECT credential_revoked_at IS NULL FROM instances WHERE id = :id"
+                 " AND agent_token_hash = :h"),
+            {"id": instance_id, "h": digest(token)})).scalar_one_or_none()
+    if not live:
+        raise AgentRefused("unknown" if live is None else "revoked", _UNKNOWN_AGENT)
     identity = agents.AgentIdentity(instance_id, token)
     if len(runtime.agent_token_cache) > 100_000:
         runtime.agent_token_cache.clear()

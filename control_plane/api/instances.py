@@ -22,6 +22,7 @@ from control_plane.api.schemas import (
     AgentCommandPage,
     CreateInstanceBody,
     Error,
+    Fleet,
     HistoryPage,
     InstanceOut,
     InstancePage,
@@ -63,6 +64,14 @@ WRITE_ERRORS = error_responses(400, 401, 403, 404, 503)
 Limit = Annotated[int, QueryParameter(ge=1, le=1000, description="Page size")]
 Cursor = Annotated[str | None, QueryParameter(max_length=200, description="`next` of the previous page")]
 InstanceId = FromPath[uuid.UUID]
+
+
+@get("/v1/fleet", summary="The fleet at a glance: instances by status and provider, and cost",
+     responses=error_responses(401))
+async def fleet(request: Request) -> Fleet:
+    runtime = request.app.state.runtime
+    async with runtime.sessions() as session:
+        return await queries.fleet(session, runtime.providers.names)
 
 
 class InstanceController(Controller):

@@ -12,6 +12,8 @@ consumer turns entries into Postgres state. Guarantees:
   `XAUTOCLAIM` after `claim_idle_ms`. On start a consumer first re-reads its own pending list.
 - Redis restarts (lost group: `NOGROUP`) and Postgres outages are waited out, not fatal: an
   entry whose effect could not be committed stays pending and is retried.
+- `cp_commands_total{outcome}` counts each entry once its effect committed and it was
+  acknowledged (accepted, rejected, duplicate), or once it was dead-lettered.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from control_plane import metrics
 from control_plane.commands.apply import Outcome, apply_command, apply_commands
 from control_plane.commands.schema import Command, InvalidCommand, decode
 from control_plane.feed.events import emit
@@ -234,6 +237,7 @@ class CommandConsumer:
 
     def _applied(self, entry: _Entry, outcome: Outcome) -> None:
         self.processed += 1
+        metrics.count_command(outcome.result)
         log.info("Command applied", command_id=entry.command.id, entry_id=entry.id.decode(),
                  outcome=outcome.result, detail=outcome.detail)
 
@@ -251,6 +255,7 @@ class CommandConsumer:
             pipe.xack(self._s.command_stream, self._s.consumer_group, entry_id)
             await pipe.execute()
         self.dead_lettered += 1
+        metrics.count_command("dead_lettered")
         log.warning("Command dead-lettered", entry_id=entry_id.decode(), reason=reason[:300])
         try:
             async with self._sessions.begin() as session:

@@ -21,6 +21,7 @@ import asyncpg
 import structlog
 
 from control_plane.feed.events import NOTIFY_CHANNEL
+from control_plane.metrics import FEED_SUBSCRIBERS
 
 log = structlog.get_logger(__name__)
 
@@ -104,6 +105,10 @@ class FeedHub:
         (admin feeds, agents' command streams) finish and the server can stop; clients
         reconnect to another replica or to the restarted one."""
         self._closing = True
+        self.drop_streams()
+
+    def drop_streams(self) -> None:
+        """End the current subscriptions only (as a network cut would); new ones are served."""
         for sub in list(self._subs):
             try:
                 sub.queue.put_nowait(None)
@@ -113,6 +118,7 @@ class FeedHub:
     def subscribe(self, feed_filter: FeedFilter) -> Subscription:
         sub = Subscription(feed_filter, asyncio.Queue(maxsize=self._queue_size))
         self._subs.add(sub)
+        FEED_SUBSCRIBERS.inc()
         if feed_filter.instance_id is None:
             self._fleet.add(sub)
         else:
@@ -122,7 +128,10 @@ class FeedHub:
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subs.discard(sub)
+        """Idempotent (a slow subscriber is dropped by the hub, then again by its reader)."""
+        if sub in self._subs:
+            self._subs.discard(sub)
+            FEED_SUBSCRIBERS.dec()
         self._fleet.discard(sub)
         instance_id = sub.filter.instance_id
         if instance_id is not None and instance_id in self._by_instance:

@@ -1,7 +1,9 @@
 """The action log of an instance, and the progress it implies.
 
 An action is one step of work (a provider call, an agent phase). Completed steps move the
-instance's progress forward (never backwards) and are announced on the feed.
+instance's progress forward (never backwards) and are announced on the feed; their durations
+go to `cp_lifecycle_step_seconds` once the transaction committed (failed attempts do not, as
+timeouts would skew what a step normally takes).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane import metrics
 from control_plane.feed.events import emit
 from control_plane.lifecycle.progress import WEIGHTS, Step
 
@@ -56,8 +59,10 @@ async def finish_action(
     ).one_or_none()
     if row is None:
         return
-    if error is None and row.action_type in Step.__members__:
-        await advance_progress(session, instance_id, Step(row.action_type))
+    if error is None:
+        metrics.observe_step(session, row.action_type, row.duration_ms)
+        if row.action_type in Step.__members__:
+            await advance_progress(session, instance_id, Step(row.action_type))
     await emit(session, "instance.action",
                {"instance_id": str(instance_id), "action_id": action_id,
                 "action_type": row.action_type, "status": "failed" if error else "succeeded",
@@ -86,16 +91,18 @@ async def complete_step(
         return False
     meta = {**(metadata or {}), **({"message": message} if message else {})}
     # Its duration is the time since the previous step finished: how long this phase took.
-    await session.execute(
+    duration_ms = (await session.execute(
         text(
             "INSERT INTO instance_actions (instance_id, action_type, status, started_at,"
             " finished_at, duration_ms, metadata)"
             " SELECT :i, :t, 'succeeded', s, now(), (extract(epoch FROM now() - s) * 1000)::int,"
             " CAST(:m AS jsonb) FROM (SELECT coalesce(max(finished_at), now()) AS s"
             " FROM instance_actions WHERE instance_id = :i AND status = 'succeeded') AS prev"
+            " RETURNING duration_ms"
         ),
         {"i": instance_id, "t": step.value, "m": json.dumps(meta)},
-    )
+    )).scalar_one()
+    metrics.observe_step(session, step.value, duration_ms)
     await advance_progress(session, instance_id, step, message)
     return True
 

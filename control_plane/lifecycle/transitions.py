@@ -3,7 +3,8 @@
 Every change: checks the allowed table, updates with `WHERE status = :expected` (and the
 caller's lease, when it holds one), writes the history row and the feed event, all in the
 caller's transaction. Zero rows updated means someone else moved the instance first: the
-function writes nothing and returns False.
+function writes nothing and returns False. `cp_transitions_total` counts a change once the
+caller's transaction committed.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import structlog
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from control_plane import metrics
 from control_plane.feed.events import emit
 from control_plane.lifecycle.states import Status, transition_name
 
@@ -83,6 +85,7 @@ async def transition(
         {"id": instance_id, "source": source.value, "target": target.value, "name": name,
          "reason": reason, "actor": actor},
     )
+    metrics.count_transition(session, source, target)
     await wake_worker(session, instance_id)
     await emit(
         session,

@@ -15,19 +15,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import structlog
-from prometheus_client import Gauge
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.base import TAG_CLUSTER, TAG_INSTANCE, ProviderError
 from control_plane.feed.events import emit
 from control_plane.lifecycle.states import ACTIVE_STATUSES
+from control_plane.metrics import VOLUME_SWEEP_ORPHANS as ORPHANS
 from control_plane.providers import Providers
 from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
-
-ORPHANS = Gauge("cp_volume_sweep_orphans", "Orphaned volumes found by the last sweep", ["provider"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from control_plane.feed.events import emit
 from tests.conftest import eventually
 
 PUBLIC = {"/healthz", "/readyz", "/v1/agent/manifest", "/v1/agent/artifact/{filename}",
-          "/v1/agent/install.sh"}
+          "/v1/agent/install.sh", "/", "/dashboard/{file}"}
 
 
 async def test_every_route_but_health_and_schema_requires_a_key(control_plane):
