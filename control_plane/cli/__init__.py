@@ -1,9 +1,10 @@
-"""The `control-plane` command: run the service (`up`) and talk to it (`instances ...`)."""
+"""The `control-plane` command: run the service (`up`) and talk to it (`status`, `instances ...`)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -14,6 +15,7 @@ import typer
 from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app, join_tokens_app
 from control_plane.cli.hosts import hosts_app
+from control_plane.cli.status import status
 from control_plane.settings import Settings, SettingsError
 
 SHUTDOWN_GRACE_SECONDS = 10
@@ -56,6 +58,9 @@ def migrate() -> None:
     typer.echo("Database is at the latest migration.")
 
 
+app.command("status")(status)
+
+
 @apikey_app.command("create")
 def apikey_create(
     name: Annotated[str, typer.Option(help="Who or what the key is for")],
@@ -72,11 +77,21 @@ def apikey_create(
 
 
 @apikey_app.command("list")
-def apikey_list() -> None:
+def apikey_list(
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON on stdout, nothing else")] = False,
+) -> None:
     """List API keys (name, first characters, scopes, state); keys themselves are not stored."""
     from control_plane.api_keys import list_api_keys
 
-    for key in _with_database(list_api_keys):
+    keys = _with_database(list_api_keys)
+    if json_out:
+        typer.echo(json.dumps({"items": [
+            {"name": k.name, "prefix": k.prefix, "scopes": list(k.scopes),
+             "created_at": k.created_at.isoformat(),
+             "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None} for k in keys]},
+            indent=2))
+        return
+    for key in keys:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "live"
         typer.echo(f"{key.name}\t{key.prefix}…\t{','.join(key.scopes)}\t"
                    f"created {key.created_at:%Y-%m-%d %H:%M}\t{state}")
@@ -142,7 +157,11 @@ def agent_version_bump(
 
 
 def _with_database(action):
-    """Run `action(sessions)` against the control plane's database (migrated first)."""
+    """Run `action(sessions)` against the control plane's database (migrated first). Logs
+    go to stderr, warnings and worse only: stdout is the command's output (`--json`)."""
+    from control_plane.logs import configure
+
+    configure("WARNING")
     settings = _settings()
 
     async def run():

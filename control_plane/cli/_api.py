@@ -118,9 +118,10 @@ def raise_for_status(response: httpx.Response, instance_id: Any = None) -> None:
         raise CliError(f"API key not allowed to do this ({detail}) — use an admin key")
     if code == 404 and instance_id is not None:
         raise CliError(f"no instance {instance_id}")
-    if code == 404:
-        raise CliError(detail if body.get("detail") else
-                       f"{response.url} not found — is --url/CP_API_URL a control plane?")
+    if code == 404:  # the API's own words, or no such route (Litestar says just "Not Found")
+        raise CliError(detail if body.get("detail") and detail != response.reason_phrase else
+                       f"{response.url} not found — is --url/CP_API_URL a control plane"
+                       " (as recent as this CLI)?")
     if code < 500:  # 400 (validation), 409 (conflict): the server's words, with each field's
         extra = [e for e in body.get("extra") or [] if isinstance(e, dict)]
         fields = "; ".join(f"{e.get('key')}: {e.get('message')}" for e in extra)

@@ -1,4 +1,4 @@
-"""Human and JSON output of `control-plane instances ...`.
+"""Human and JSON output of `control-plane instances ...` and `control-plane status`.
 
 Contract: JSON goes to stdout alone (`print_json`); tables go to stdout (`out()`); notes,
 progress bars and errors go to stderr (`err`), so they never mix into what a script reads.
@@ -16,6 +16,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
 from rich.text import Text
+
+from control_plane.lifecycle.states import Status
 
 err = Console(stderr=True, highlight=False)
 
@@ -48,6 +50,18 @@ def instances_table(items: list[dict[str, Any]]) -> Table:
         table.add_row(i["id"], i["provider"], escape(i["instance_type"]), escape(i["model"]),
                       styled(i["status"]), f"{i['progress']}%", escape(i["phase"] or ""),
                       duration((now - parse_time(i["created_at"])).total_seconds()))
+    return table
+
+
+def agent_commands_table(items: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for name in ("ID", "KIND", "SENT (UTC)", "ACKED (UTC)", "OUTCOME", "DETAIL"):
+        table.add_column(name, no_wrap=name != "DETAIL")
+    for c in items:
+        outcome = c["outcome"] or "pending"
+        table.add_row(c["id"], c["kind"], _when(c["created_at"]), _when(c["acked_at"]) or "-",
+                      styled(outcome, outcome == "failed"),
+                      escape(c["detail"] or c["reason"] or ""))
     return table
 
 
@@ -139,3 +153,49 @@ def duration(seconds: float) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m" if hours < 48 else f"{hours // 24}d{hours % 24:02d}h"
+
+
+def print_fleet(out: Console, fleet: dict[str, Any]) -> None:
+    """`GET /v1/fleet` as `status` prints it: counts by status, active ones by provider, cost
+    per currency and the providers offered."""
+    by_status: dict[str, int] = fleet["by_status"]
+    by_provider: dict[str, dict[str, int]] = fleet["by_provider"]
+    active = sum(sum(counts.values()) for counts in by_provider.values())
+    total = sum(by_status.values())
+    out.print(f"[bold]Fleet[/]: {total} instance{'s' * (total != 1)}, {active} active")
+    order = {s: n for n, s in enumerate(_STATUS_ORDER)}
+    statuses = sorted(by_status, key=lambda s: (order.get(s, len(order)), s))
+    _titled(out, "Instances by status", ("STATUS", "INSTANCES"), [
+        (styled(s), str(by_status[s])) for s in statuses])
+    columns = [s for s in statuses if any(s in counts for counts in by_provider.values())]
+    _titled(out, "Active instances by provider", ("PROVIDER", *(c.upper() for c in columns), "ACTIVE"), [
+        (escape(p), *(str(counts.get(c, 0)) for c in columns), str(sum(counts.values())))
+        for p, counts in sorted(by_provider.items())])
+    rate, spent = fleet["cost_rate_per_hour"], fleet["cost_so_far"]
+    _titled(out, "Cost", ("CURRENCY", "PER HOUR NOW", "SO FAR"), [
+        (escape(c), _money(rate.get(c, 0.0)), _money(spent.get(c, 0.0)))
+        for c in sorted(rate.keys() | spent.keys())])
+    providers = ", ".join(escape(p) for p in fleet["providers"]) or "[red]none[/]"
+    out.print(f"\n[bold]Providers configured[/]: {providers}")
+
+
+_STATUS_ORDER = tuple(s.value for s in Status)  # the lifecycle's own order
+
+
+def _titled(out: Console, title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A title line, then the table (a table's own title wraps to the table's width)."""
+    if not rows:
+        out.print(f"\n[bold]{title}[/]: none")
+        return
+    table = Table(box=None, header_style="bold")
+    for name in columns:
+        table.add_column(name, justify="left" if name == columns[0] else "right")
+    for row in rows:
+        table.add_row(*row)
+    out.print(f"\n[bold]{title}[/]")
+    out.print(table)
+
+
+def _money(amount: float) -> str:
+    """Two decimals, four below 1 so that a few minutes of a cheap machine do not read 0.00."""
+    return f"{amount:,.2f}" if amount >= 1 or amount == 0 else f"{amount:.4f}"

@@ -20,7 +20,14 @@ import typer
 from rich.markup import escape
 
 from control_plane.cli._api import ADMIN_KEY_FILE, Api, Session, run_session
-from control_plane.cli._render import err, instances_table, out, print_instance, print_json
+from control_plane.cli._render import (
+    agent_commands_table,
+    err,
+    instances_table,
+    out,
+    print_instance,
+    print_json,
+)
 from control_plane.cli._watch import Until, Watcher
 from control_plane.lifecycle.states import Status
 
@@ -241,6 +248,27 @@ def agent_command(
         else:
             err.print(f"{escape(kind)} sent to the agent of {instance_id}.")
             typer.echo(sent["id"])
+        return 0
+
+    run_session(url, api_key, data_dir, run)
+
+
+@instances_app.command("agent-commands")
+def agent_commands(
+    instance_id: Annotated[uuid.UUID, typer.Argument(help="Instance id")],
+    json_out: JsonOut = False,
+    url: Url = DEFAULT_URL, api_key: ApiKey = None, data_dir: DataDir = DEFAULT_DATA_DIR,
+) -> None:
+    """List the commands sent to the instance's agent, newest first, with its acknowledgements."""
+    async def run(api: Api) -> int:
+        page = await api.call("GET", f"/v1/instances/{instance_id}/agent-commands",
+                              instance_id=instance_id)
+        if json_out:
+            print_json(page)
+        elif not page["items"]:
+            err.print(f"No command sent to the agent of {instance_id}.")
+        else:
+            out().print(agent_commands_table(page["items"]))
         return 0
 
     run_session(url, api_key, data_dir, run)

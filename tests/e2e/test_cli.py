@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
+from sqlalchemy import text
 
 from tests.conftest import RunningControlPlane, eventually, free_port
 
@@ -43,13 +44,22 @@ def cli_env(cp: RunningControlPlane | None = None, **extra: str) -> dict[str, st
 
 
 async def start(*args: str, env: dict[str, str]) -> asyncio.subprocess.Process:
+    """`control-plane instances ARGS...`"""
+    return await start_cli("instances", *args, env=env)
+
+
+async def start_cli(*argv: str, env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        CLI, "instances", *args, env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        CLI, *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
 async def run(*args: str, env: dict[str, str]) -> Run:
-    proc = await start(*args, env=env)
+    """`control-plane instances ARGS...`, to its end."""
+    return await run_cli("instances", *args, env=env)
+
+
+async def run_cli(*argv: str, env: dict[str, str]) -> Run:
+    proc = await start_cli(*argv, env=env)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), RUN_TIMEOUT)
     except TimeoutError:
@@ -147,6 +157,7 @@ async def test_errors_are_one_line_with_exit_code_2(control_plane):
         (("watch", unknown), env, (f"no instance {unknown}",)),
         (("terminate", unknown), env, (f"no instance {unknown}",)),
         (("drain", unknown), env, (f"no instance {unknown}",)),
+        (("agent-commands", unknown, "--json"), env, (f"no instance {unknown}",)),
         (("create", "--provider", "local", "--instance-type", "no-such-type", "--model", MODEL),
          env, ("no-such-type", "instance_type:")),
         (("create", "--offer", "local:local-gpu", "--offer", "local:nope", "--model", MODEL),
@@ -156,6 +167,91 @@ async def test_errors_are_one_line_with_exit_code_2(control_plane):
     results = await asyncio.gather(*(run(*args, env=e) for args, e, _ in cases))
     for (args, _, fragments), result in zip(cases, results, strict=True):
         assert_one_line_error(result, *fragments, what=" ".join(args))
+
+
+async def test_status_summarises_the_fleet(control_plane):
+    cp = control_plane
+    env = cli_env(cp)
+    instance_id = await created(cp, env)
+    watched = await run("watch", instance_id, "--timeout", "30", env=env)
+    assert watched.code == 0, watched.err
+    # `local` machines are free: give this one a price to see the cost in the summary.
+    async with cp.runtime.sessions.begin() as session:
+        await session.execute(text("UPDATE instances SET hourly_price = 2.5, currency = 'USD'"
+                                   " WHERE id = :id"), {"id": instance_id})
+
+    as_json, human = await asyncio.gather(run_cli("status", "--json", env=env),
+                                          run_cli("status", env=env))
+    assert as_json.code == 0 and as_json.err == "", as_json
+    fleet = json.loads(as_json.out)
+    assert fleet["by_status"] == {"ready": 1}
+    assert fleet["by_provider"] == {"local": {"ready": 1}}
+    assert fleet["cost_rate_per_hour"] == {"USD": 2.5}
+    assert set(fleet["cost_so_far"]) == {"USD"} and fleet["cost_so_far"]["USD"] > 0
+    assert "local" in fleet["providers"] and fleet["providers"] == cp.runtime.providers.names
+
+    assert human.code == 0, human.err
+    lines = human.out.splitlines()
+    assert "Fleet: 1 instance, 1 active" in lines
+    assert any(line.split() == ["ready", "1"] for line in lines), human.out
+    assert any(line.split() == ["local", "1", "1"] for line in lines), human.out
+    assert any(line.split()[:2] == ["USD", "2.50"] for line in lines), human.out
+    assert f"Providers configured: {', '.join(fleet['providers'])}" in lines
+
+
+async def test_status_errors_are_one_line(control_plane):
+    cp = control_plane
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    cases = [
+        (cli_env(cp, CP_API_KEY="cpk_wrong"), ("API key rejected", "CP_API_KEY")),
+        (cli_env(cp, CP_API_URL=unreachable), (f"cannot reach the control plane at {unreachable}",)),
+        (cli_env(cp, CP_API_URL=cp.url + "/nope"), ("/nope/v1/fleet not found", "--url/CP_API_URL")),
+    ]
+    results = await asyncio.gather(*(run_cli("status", "--json", env=e) for e, _ in cases))
+    for (_, fragments), result in zip(cases, results, strict=True):
+        assert_one_line_error(result, *fragments, what="status")
+
+
+# Commands that talk to the API and only confirm a change: there is nothing to print as JSON.
+NO_JSON = {("instances", "revoke-credential"), ("join-token", "revoke"), ("hosts", "remove")}
+
+
+def test_every_api_command_has_json_output():
+    """A command added later without `--json` fails here, unless it only confirms a change."""
+    import typer.main
+
+    from control_plane.cli import app
+
+    def commands(group, path=()):
+        for name, command in group.commands.items():
+            if hasattr(command, "commands"):
+                yield from commands(command, (*path, name))
+            else:
+                yield (*path, name), {o for p in command.params for o in getattr(p, "opts", [])}
+
+    talking = {path: opts for path, opts in commands(typer.main.get_command(app)) if "--url" in opts}
+    assert ("status",) in talking and ("instances", "agent-commands") in talking
+    missing = sorted(" ".join(p) for p, opts in talking.items() if "--json" not in opts and p not in NO_JSON)
+    assert not missing, f"commands without --json: {missing}"
+
+
+async def test_other_read_commands_print_json(control_plane):
+    from tests.e2e.test_up_command import env_for
+
+    cp = control_plane
+    env = cli_env(cp)
+    instance_id = await created(cp, env)
+    tokens, hosts, sent, keys = await asyncio.gather(
+        run_cli("join-token", "list", "--json", env=env), run_cli("hosts", "list", "--json", env=env),
+        run("agent-commands", instance_id, "--json", env=env),
+        run_cli("apikey", "list", "--json", env=env_for(cp.settings)))
+    for result in (tokens, hosts, sent):
+        assert result.code == 0, result
+        assert json.loads(result.out) == {"items": []}
+    assert keys.code == 0, keys
+    [key] = json.loads(keys.out)["items"]
+    assert key["name"] == "admin (CP_ADMIN_API_KEY)" and key["revoked_at"] is None
+    assert cp.admin_key not in keys.out
 
 
 @pytest.fixture
