@@ -168,26 +168,27 @@ class RunningControlPlane:
         await self._kill_machines()
 
     async def _kill_machines(self) -> None:
-        """Leave no agent process behind, whatever the test did."""
-        from adapters.base import TAG_CLUSTER
-
         local = self.runtime.providers.get_or_none("local")
-        if local is None:
-            return
-        machines = await local.list_by_tags({TAG_CLUSTER: self.settings.cluster_name})
+        if local is not None:
+            await stop_local_machines(local, self.settings.cluster_name)
+
+
+async def stop_local_machines(local: Any, cluster: str) -> None:
+    """Leave no agent process of `cluster` behind on the `local` provider, whatever happened."""
+    from adapters.base import TAG_CLUSTER
+
+    machines = await local.list_by_tags({TAG_CLUSTER: cluster})
+
+    async def gone() -> bool:
         for m in machines:
-            await local.terminate(m.provider_instance_id)
+            await local.terminate(m.provider_instance_id)  # escalates to SIGKILL in time
+            d = await local.describe(m.provider_instance_id)
+            if d is not None and d.state != "terminated":
+                return False
+        return True
 
-        async def gone() -> bool:
-            for m in machines:
-                await local.terminate(m.provider_instance_id)  # escalates to SIGKILL in time
-                d = await local.describe(m.provider_instance_id)
-                if d is not None and d.state != "terminated":
-                    return False
-            return True
-
-        if machines:
-            await eventually(gone, timeout=20, interval=0.2, message="local machines stopped")
+    if machines:
+        await eventually(gone, timeout=20, interval=0.2, message="local machines stopped")
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 WAIT_MS = 30_000
+KEY_NAME = "cp.dashboard.apiKey"  # the page's sessionStorage entry (app.js)
 """Bound of every wait on the page."""
 PNG = b"\x89PNG\r\n\x1a\n"
 LOCAL = {"provider": "local", "instance_type": "local-gpu", "model": "org/dashboard-model"}
@@ -197,11 +198,17 @@ async def test_a_wrong_key_is_refused_and_the_key_stays_in_this_tab(control_plan
     async with cp.runtime.sessions.begin() as session:
         from sqlalchemy import text
         await session.execute(text("UPDATE api_keys SET revoked_at = now() WHERE name = 'browser'"))
-    await page.reload()
-    await expect(page.locator("#login-error")).to_contain_text("refused")
+    # (Its next call finds out: the periodic refresh, within seconds, without a reload.)
+    await expect(page.locator("#login-error")).to_contain_text("refused", timeout=WAIT_MS)
     await expect(page.locator("#api-key")).to_be_visible()
     assert await page.evaluate("sessionStorage.length") == 0
     assert all(key not in url for url in [*urls, page.url])
+
+    # A refused key found in the session at load is dropped the same way.
+    await page.evaluate(f"sessionStorage.setItem({KEY_NAME!r}, {key!r})")
+    await page.reload()
+    await expect(page.locator("#login-error")).to_contain_text("refused", timeout=WAIT_MS)
+    assert await page.evaluate("sessionStorage.length") == 0
 
 
 async def test_the_page_resumes_the_feed_after_the_server_cuts_it(control_plane, page, db):

@@ -31,7 +31,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REDIS_URL, eventually, free_port
+from tests.conftest import REDIS_URL, eventually, free_port, stop_local_machines
 from tests.e2e.test_up_command import env_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -335,20 +335,6 @@ async def _terminate_everything(tour: Tour, data_dir: Path) -> None:
 
 async def _kill_local_machines(data_dir: Path, cluster: str) -> None:
     """Leave no agent process behind, whatever happened (as `RunningControlPlane` does)."""
-    from adapters.base import TAG_CLUSTER
     from adapters.local import LocalProvider
 
-    local = LocalProvider(data_dir / "local-provider", cluster=cluster)
-    machines = await local.list_by_tags({TAG_CLUSTER: cluster})
-
-    async def gone() -> bool:
-        for m in machines:
-            await local.terminate(m.provider_instance_id)  # escalates to SIGKILL in time
-            d = await local.describe(m.provider_instance_id)
-            if d is not None and d.state != "terminated":
-                return False
-        return True
-
-    if machines:
-        await eventually(gone, timeout=20, interval=0.2, message="local machines stopped")
-
+    await stop_local_machines(LocalProvider(data_dir / "local-provider", cluster=cluster), cluster)
