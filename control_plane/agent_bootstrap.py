@@ -8,9 +8,7 @@ checks it against the SHA-256 pinned here, then lets it install the agent wheel 
 
 from __future__ import annotations
 
-import hashlib
-
-from control_plane.agent_release import INSTALL_SCRIPT, Release, current_release
+from control_plane.agent_release import Release, current_release, install_script_sha256
 from control_plane.settings import Settings
 
 PREFIX = "/opt/worker-agent"
@@ -30,7 +28,7 @@ def env_file(env: dict[str, str]) -> str:
 def user_data(settings: Settings, env: dict[str, str], release: Release | None = None) -> str:
     release = release or current_release()
     url = settings.agent_url.rstrip("/")
-    script_sha = hashlib.sha256(INSTALL_SCRIPT.read_bytes()).hexdigest()
+    script_sha = install_script_sha256()
     return f"""#!/bin/bash
 # Written by the GPU control plane: installs worker agent {release.version}, verified by
 # checksum, and starts it. Secret: holds the agent's token.

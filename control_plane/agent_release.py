@@ -51,6 +51,17 @@ def build_release(root: Path = PACKAGE_ROOT) -> Release:
 
 
 @functools.cache
+def install_script() -> bytes:
+    """The install script this process serves, read once (so what it serves and the SHA-256
+    pinned in first-boot user data always agree)."""
+    return INSTALL_SCRIPT.read_bytes()
+
+
+def install_script_sha256() -> str:
+    return hashlib.sha256(install_script()).hexdigest()
+
+
+@functools.cache
 def current_release() -> Release:
     """The release of the agent code this process ships (built once: the code cannot change)."""
     return build_release()

@@ -21,7 +21,7 @@ from litestar.params import FromPath, JSONBody
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from control_plane import agents, metrics, registration
-from control_plane.agent_release import INSTALL_SCRIPT, current_release
+from control_plane.agent_release import current_release, install_script
 from control_plane.api.auth import AgentRefused, require_agent_signature, require_join_token
 from control_plane.api.instances import error_responses
 from control_plane.api.schemas import (
@@ -121,7 +121,7 @@ class AgentInstallController(Controller):
 
     @get("/install.sh", summary="The agent install script", media_type="text/x-shellscript")
     async def install_script(self) -> Response[bytes]:
-        return Response(INSTALL_SCRIPT.read_bytes(), media_type="text/x-shellscript")
+        return Response(install_script(), media_type="text/x-shellscript")
 
     @post("/register", status_code=201, guards=[require_join_token], security=[{"joinToken": []}],
           summary="Exchange a one-time join token for an instance and its credential",
