@@ -70,6 +70,7 @@ STALE_HEARTBEATS = Gauge("cp_instances_stale_heartbeat", "Ready instances whose 
 OLDEST_IN_STATUS = Gauge("cp_oldest_instance_in_status_seconds",
                          "Time the longest-waiting instance has spent in the status (0: none)",
                          ["status"])
+LEADER = Gauge("cp_leader", "1 while this process is the leader (runs the once-only jobs)")
 FLEET_REFRESH_ERRORS = Counter("cp_fleet_refresh_errors_total",
                                "Scrapes whose fleet query failed (the fleet gauges were left out)")
 

@@ -119,7 +119,8 @@ def _instance(r: Any) -> InstanceOut:
         hourly_price=None if r.hourly_price is None else float(r.hourly_price), currency=r.currency,
         offers=r.offers, offer_index=r.offer_index, model=r.model,
         model_spec=r.model_spec, labels=r.labels, status=r.status,
-        routable=r.status == "ready" and r.agent_integrity == "verified",
+        routable=r.status == "ready" and r.agent_integrity == "verified" and r.health != "unhealthy",
+        health=r.health, health_reason=r.health_reason, pool_id=r.pool_id,
         desired_state=r.desired_state, progress=r.progress,
         phase=r.phase, provider_instance_id=r.provider_instance_id, ip=r.ip,
         failure_reason=r.failure_reason,
@@ -127,7 +128,7 @@ def _instance(r: Any) -> InstanceOut:
                         integrity=r.agent_integrity, integrity_detail=r.agent_integrity_detail),
         last_heartbeat_at=r.last_heartbeat_at, metrics=r.last_metrics, created_at=r.created_at,
         updated_at=r.updated_at, status_changed_at=r.status_changed_at, ready_at=r.ready_at,
-        terminated_at=r.terminated_at)
+        terminated_at=r.terminated_at, billed_from=r.billed_from, billed_until=r.billed_until)
 
 
 def _encode(value: str) -> str:
@@ -147,7 +148,7 @@ ACTIVE = tuple(s.value for s in ACTIVE_STATUSES)
 
 async def fleet(session: AsyncSession, providers: list[str]) -> Fleet:
     """Counts by status and provider, and cost. A machine is billed from the moment its
-    provider created it (the instance entered `booting`) until it was terminated."""
+    provider created it (the instance entered `booting`) until it was confirmed gone."""
     counts = (await session.execute(text(
         "SELECT provider, status, count(*) AS n FROM instances WHERE status <> 'archived'"
         " GROUP BY provider, status"))).all()
@@ -162,10 +163,9 @@ async def fleet(session: AsyncSession, providers: list[str]) -> Fleet:
         " AND provider_instance_id IS NOT NULL AND hourly_price IS NOT NULL GROUP BY currency"),
         {"active": list(ACTIVE)})).all()
     spent = (await session.execute(text(
-        "SELECT i.currency, sum(i.hourly_price * extract(epoch FROM coalesce(i.terminated_at, now())"
-        " - b.at) / 3600) AS v FROM instances i JOIN LATERAL (SELECT min(at) AS at"
-        " FROM instance_state_history h WHERE h.instance_id = i.id AND h.to_status = 'booting') b"
-        " ON b.at IS NOT NULL WHERE i.hourly_price IS NOT NULL GROUP BY i.currency"))).all()
+        "SELECT currency, sum(hourly_price * extract(epoch FROM coalesce(billed_until, now())"
+        " - billed_from) / 3600) AS v FROM instances WHERE billed_from IS NOT NULL"
+        " AND hourly_price IS NOT NULL GROUP BY currency"))).all()
     return Fleet(by_status=by_status, by_provider=by_provider,
                  cost_rate_per_hour={r.currency: round(float(r.v), 4) for r in rate},
                  cost_so_far={r.currency: round(float(r.v), 4) for r in spent},

@@ -46,7 +46,7 @@ class Runtime:
                                     health_check_interval=30)
         self.providers = providers or Providers.from_settings(settings, self.sessions)
         self.hub = FeedHub(self.dsn, queue_size=settings.sse_queue_size)
-        self.leader = Leader(self.dsn)
+        self.leader = Leader(self.dsn, retry_seconds=settings.leader_retry_seconds)
         self.consumer = CommandConsumer(self.redis, self.sessions, self.providers, settings)
         self.stop_event = asyncio.Event()
         self.api_key_cache: dict[str, tuple[float, tuple[str, ...] | None]] = {}

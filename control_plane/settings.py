@@ -80,6 +80,29 @@ class Settings:
     """Age of a terminated instance before it is archived."""
     events_retention_seconds: float = 30 * 24 * 3600.0
     """Age after which feed events are deleted (SSE clients cannot resume from before it)."""
+    archived_retention_seconds: float = 0.0
+    """Age of an archived instance after which it is deleted with its history, actions,
+    volumes and metrics (0: archived instances are kept forever)."""
+
+    leader_retry_seconds: float = 5.0
+    """How often a replica that is not the leader tries to become it: the longest a fleet
+    goes without a leader after the leader died."""
+    health_check_seconds: float = 10.0
+    """Interval of the health pass over ready and draining instances (leader)."""
+    heartbeat_stale_seconds: float = 30.0
+    """A heartbeat younger than this takes priority over any active check; older, the
+    instance is checked at the provider and marked unhealthy."""
+    unhealthy_replace_seconds: float = 120.0
+    """Time an instance may stay unhealthy before its pool's policy replaces or terminates it
+    (standalone instances stay, marked, for an operator)."""
+    reconcile_seconds: float = 300.0
+    """Interval of reconciliation with every provider: machines lost behind our back, orphan
+    machines, stuck terminations (leader)."""
+    orphan_policy: str = "report"
+    """What reconciliation does with a machine tagged as ours that no live instance owns:
+    `report` (a `machine.orphaned` event and the orphan list) or `terminate` it as well."""
+    autoscale_seconds: float = 10.0
+    """Interval of the pools' autoscaling pass (leader)."""
 
     agent_heartbeat_seconds: float = 10.0
     """Heartbeat interval the control plane configures on its agents."""

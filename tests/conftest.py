@@ -26,7 +26,7 @@ ADMIN_DSN = os.environ.get("CP_TEST_DATABASE_URL", "postgresql://postgres@127.0.
 REDIS_URL = os.environ.get("CP_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TABLES = ("events", "instance_state_history", "instance_actions", "instance_volumes",
           "instance_metrics", "agent_commands", "instances", "join_tokens",
-          "processed_commands", "api_keys", "hosts")
+          "processed_commands", "api_keys", "hosts", "pools", "orphan_machines")
 
 
 def free_port() -> int:

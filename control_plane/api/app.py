@@ -29,6 +29,7 @@ from control_plane.api.instances import (
     fleet,
 )
 from control_plane.api.metrics import metrics
+from control_plane.api.pools import PoolController
 from control_plane.api.schemas import Health
 from control_plane.providers import UnknownOffer
 from control_plane.queries import BadCursor, NotFound
@@ -98,7 +99,7 @@ def _internal(request: Request, exc: Exception) -> Response:
 
 def create_app(runtime: Runtime) -> Litestar:
     admin = Router(path="/", route_handlers=[InstanceController, JoinTokenController, EventController,
-                                             HostController, metrics, fleet],
+                                             HostController, PoolController, metrics, fleet],
                    guards=[require_api_key])
     app = Litestar(
         route_handlers=[healthz, readyz, admin, AgentController, AgentInstallController,

@@ -73,7 +73,12 @@ class InstanceOut(msgspec.Struct):
     labels: dict[str, str]
     status: str
     routable: bool
-    """Ready, with a verified agent: may receive traffic."""
+    """Ready, with a verified agent, and not judged unhealthy: may receive traffic."""
+    health: str
+    """`unknown` until a ready instance is first judged, then `healthy` or `unhealthy`."""
+    health_reason: str | None
+    pool_id: uuid.UUID | None
+    """The pool that started the instance, if any."""
     desired_state: str
     progress: int
     phase: str | None
@@ -88,6 +93,10 @@ class InstanceOut(msgspec.Struct):
     status_changed_at: datetime
     ready_at: datetime | None
     terminated_at: datetime | None
+    billed_from: datetime | None
+    """When the provider created the machine: billing starts."""
+    billed_until: datetime | None
+    """When the machine was confirmed gone."""
 
 
 class HistoryItem(msgspec.Struct):

@@ -15,6 +15,7 @@ import typer
 from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app, join_tokens_app
 from control_plane.cli.hosts import hosts_app
+from control_plane.cli.pools import pools_app
 from control_plane.cli.status import status
 from control_plane.settings import Settings, SettingsError
 
@@ -28,6 +29,7 @@ app.add_typer(apikey_app, name="apikey")
 app.add_typer(instances_app, name="instances")
 app.add_typer(join_tokens_app, name="join-token")
 app.add_typer(hosts_app, name="hosts")
+app.add_typer(pools_app, name="pools")
 agent_app = typer.Typer(no_args_is_help=True, help="Agent release: checksum, build, version discipline.")
 app.add_typer(agent_app, name="agent")
 

@@ -83,13 +83,13 @@ async def apply_commands(
             if n in rejections:
                 outcome = Outcome("rejected", rejections[n], getattr(command, "instance_id", None))
             elif isinstance(command, CreateInstance):
-                outcome = await _create(session, command, offers[n], events)
+                outcome = await insert_instance(session, command, offers[n], events)
             elif isinstance(command, TerminateInstance):
-                outcome = await _request(session, command.payload.instance_id, "terminated",
+                outcome = await request_state(session, command.payload.instance_id, "terminated",
                                          command.payload.reason or "Termination requested")
             else:
                 assert isinstance(command, DrainInstance)
-                outcome = await _request(session, command.payload.instance_id, "drained",
+                outcome = await request_state(session, command.payload.instance_id, "drained",
                                          command.payload.reason or "Drain requested")
             outcomes.append(outcome)
             events.append((f"command.{outcome.result}", {
@@ -121,9 +121,11 @@ async def resolve_offers(providers: Providers, payload: CreatePayload) -> list[O
                                    min_gpus=payload.model_spec.tensor_parallel_size)
 
 
-async def _create(session: AsyncSession, command: CreateInstance, offers: list[Offer],
-                  events: list[Event]) -> Outcome:
-    """Insert the instance with its first history row and step, in one statement."""
+async def insert_instance(session: AsyncSession, command: CreateInstance, offers: list[Offer],
+                          events: list[Event], *, pool_id: uuid.UUID | None = None,
+                          actor: str | None = None) -> Outcome:
+    """Insert the instance with its first history row and step, in one statement (nothing
+    when the instance id exists: creates are idempotent by id)."""
     p = command.payload
     instance_id = command.instance_id
     first = offers[0]
@@ -133,10 +135,10 @@ async def _create(session: AsyncSession, command: CreateInstance, offers: list[O
         message += f" ({len(offers) - 1} fallback offer{'s' if len(offers) > 2 else ''})"
     inserted = (await session.execute(
         text("WITH inst AS (INSERT INTO instances (id, provider, zone, instance_type, model, model_spec,"
-             " labels, created_by_command, progress, phase, offers, hourly_price, currency)"
+             " labels, created_by_command, progress, phase, offers, hourly_price, currency, pool_id)"
              " VALUES (:id, :provider, :zone, :type, :model,"
              " CAST(:spec AS jsonb), CAST(:labels AS jsonb), :cmd, :progress, :phase,"
-             " CAST(:offers AS jsonb), :price, :currency)"
+             " CAST(:offers AS jsonb), :price, :currency, :pool)"
              " ON CONFLICT (id) DO NOTHING RETURNING id),"
              " history AS (INSERT INTO instance_state_history (instance_id, from_status, to_status,"
              " transition, reason, actor) SELECT id, NULL, 'provisioning', 'create',"
@@ -150,7 +152,8 @@ async def _create(session: AsyncSession, command: CreateInstance, offers: list[O
          "currency": first.currency,
          "model": p.model, "spec": msgspec.json.encode(p.model_spec).decode(),
          "labels": json.dumps(p.labels), "cmd": command.id, "progress": progress,
-         "phase": phase, "actor": f"command:{command.id}", "step": Step.REQUEST_CREATED.value,
+         "phase": phase, "actor": actor or f"command:{command.id}", "step": Step.REQUEST_CREATED.value,
+         "pool": pool_id,
          "message": message, "channel": WORK_CHANNEL},
     )).first()
     if inserted is None:
@@ -163,7 +166,8 @@ async def _create(session: AsyncSession, command: CreateInstance, offers: list[O
     return Outcome("accepted", "instance requested", instance_id)
 
 
-async def _request(session: AsyncSession, instance_id: uuid.UUID, desired: str, reason: str) -> Outcome:
+async def request_state(session: AsyncSession, instance_id: uuid.UUID, desired: str,
+                        reason: str) -> Outcome:
     """Record the wish to drain or terminate; lifecycle workers carry it out."""
     row = (await session.execute(
         text("SELECT status, desired_state FROM instances WHERE id = :id FOR UPDATE"),
@@ -179,12 +183,8 @@ async def _request(session: AsyncSession, instance_id: uuid.UUID, desired: str, 
              " updated_at = now() WHERE id = :id"),
         {"d": desired, "r": reason, "id": instance_id},
     )
-    await _wake(session, instance_id)
-    return Outcome("accepted", reason, instance_id)
-
-
-async def _wake(session: AsyncSession, instance_id: uuid.UUID) -> None:
     await wake_worker(session, instance_id)
+    return Outcome("accepted", reason, instance_id)
 
 
 def offer_json(offer: Offer) -> dict[str, object]:

@@ -1004,6 +1004,8 @@
           ["Price", fmtPrice(inst)],
           ["Desired state", inst.desired_state],
           ["Routable", inst.routable ? "yes" : "no"],
+          ["Health", inst.health_reason ? `${inst.health}: ${inst.health_reason}` : inst.health],
+          ["Pool", inst.labels && inst.labels.pool ? inst.labels.pool : "—"],
           ["Created", fmtTime(inst.created_at)],
           ["Ready at", fmtTime(inst.ready_at)],
           ["Terminated at", fmtTime(inst.terminated_at)],

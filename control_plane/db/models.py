@@ -49,8 +49,10 @@ class Instance(Base):
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress"),
         CheckConstraint("desired_state IN ('running', 'drained', 'terminated')", name="desired"),
         CheckConstraint("agent_integrity IN ('unknown', 'verified', 'mismatch')", name="integrity"),
+        CheckConstraint("health IN ('unknown', 'healthy', 'unhealthy')", name="health"),
         Index(None, "status", "next_check_at"),
         Index(None, "created_at", "id"),
+        Index(None, "pool_id", "status"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
@@ -61,6 +63,8 @@ class Instance(Base):
     model_spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     """How the engine serves `model`: revision, tensor parallel size, memory, context, args."""
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    pool_id: Mapped[uuid.UUID | None] = mapped_column(UUID, ForeignKey("pools.id", ondelete="SET NULL"))
+    """The pool that made this instance, if any (it keeps the pool's size)."""
     offers: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
     """Acceptable offers in order ({provider, zone, instance_type, hourly_price, currency});
     `provider`/`zone`/`instance_type` are the one at `offer_index`, tried now."""
@@ -87,6 +91,14 @@ class Instance(Base):
     credential_revoked_at: Mapped[datetime | None] = mapped_column(Timestamp)
     """Set when the agent's credential was revoked: its requests are refused from then on."""
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    health: Mapped[str] = mapped_column(String(16), server_default="unknown")
+    """`healthy` or `unhealthy` once a ready instance was judged (`loops/health.py`)."""
+    health_reason: Mapped[str | None] = mapped_column(Text)
+    health_changed_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    billed_from: Mapped[datetime | None] = mapped_column(Timestamp)
+    """When the provider created the machine (entry into `booting`): billing starts."""
+    billed_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    """When the machine was confirmed gone (terminated or lost by the provider)."""
     last_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_by_command: Mapped[str | None] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
@@ -101,6 +113,60 @@ class Instance(Base):
     """Consecutive temporary failures of the current step (reset when a step succeeds)."""
     lock_token: Mapped[uuid.UUID | None] = mapped_column(UUID)
     lock_expires_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Pool(Base):
+    """A model kept served by between `min_size` and `max_size` instances.
+
+    The autoscaler (`loops/pools.py`, leader only) moves `desired_size` within the bounds and
+    starts or drains instances until the pool has that many; `policy` holds its thresholds
+    (`control_plane/pools.py` documents each with its default)."""
+
+    __tablename__ = "pools"
+    __table_args__ = (
+        CheckConstraint("min_size >= 0 AND min_size <= max_size AND max_size <= 1000", name="bounds"),
+        CheckConstraint("desired_size BETWEEN min_size AND max_size", name="desired"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    model: Mapped[str] = mapped_column(String(512))
+    model_spec: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    offers: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    """Acceptable `{provider, instance_type, zone?}` in preference order; empty: cheapest."""
+    gpu_model: Mapped[str | None] = mapped_column(String(64))
+    labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    min_size: Mapped[int] = mapped_column(Integer)
+    max_size: Mapped[int] = mapped_column(Integer)
+    desired_size: Mapped[int] = mapped_column(Integer)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
+    pressure_since: Mapped[datetime | None] = mapped_column(Timestamp)
+    """Since when the queue has been over the scale-up threshold (None: it is not)."""
+    idle_since: Mapped[datetime | None] = mapped_column(Timestamp)
+    """Since when GPU use has been under the scale-down threshold (None: it is not)."""
+    last_scaled_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    generation: Mapped[int] = mapped_column(Integer, server_default="0")
+    """Bumped at every decision: names the instances started by it (exactly-once creates)."""
+    deleting_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    """Set by DELETE: the pool drains its instances, then disappears."""
+    created_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+
+
+class OrphanMachine(Base):
+    """A machine tagged with our cluster that no live instance owns (found by reconciliation)."""
+
+    __tablename__ = "orphan_machines"
+
+    provider: Mapped[str] = mapped_column(String(64), primary_key=True)
+    provider_instance_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    instance_tag: Mapped[str | None] = mapped_column(String(64))
+    """The `cp-instance` tag it carries (the instance it was made for, if any)."""
+    reason: Mapped[str] = mapped_column(Text)
+    first_seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    last_seen_at: Mapped[datetime] = mapped_column(Timestamp, server_default=func.now())
+    terminated_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    """When reconciliation terminated it (`CP_ORPHAN_POLICY=terminate`)."""
 
 
 class InstanceStateHistory(Base):

@@ -32,6 +32,9 @@ _PHASES = {s: {"phase": s.value.replace("_", " ")} for s in (
     Status.DRAINING, Status.TERMINATING, Status.TERMINATED, Status.STARTUP_FAILED,
     Status.PROVIDER_DELETED, Status.ARCHIVED)}
 
+# Billing bounds are written by the first transition that sets them and kept after.
+_SET_ONCE = frozenset({"billed_from", "billed_until"})
+
 
 async def transition(
     session: AsyncSession,
@@ -51,7 +54,9 @@ async def transition(
     """
     name = transition_name(source, target)
     sets = {"status": target.value, **_PHASES.get(target, {}), **(changes or {})}
-    assignments = ", ".join(f"{col} = :set_{col}" for col in sets)
+    assignments = ", ".join(
+        f"{col} = coalesce({col}, :set_{col})" if col in _SET_ONCE else f"{col} = :set_{col}"
+        for col in sets)
     guard = (
         "lock_token = :lease"
         if lease is not None
@@ -108,7 +113,7 @@ async def wake_worker(session: AsyncSession, instance_id: uuid.UUID) -> None:
 async def provisioning_to_booting(session, instance_id, *, lease, boot_deadline_at) -> bool:
     return await transition(session, instance_id, Status.PROVISIONING, Status.BOOTING,
                             reason="Machine created", actor="lifecycle", lease=lease,
-                            changes={"boot_deadline_at": boot_deadline_at})
+                            changes={"boot_deadline_at": boot_deadline_at, "billed_from": _now()})
 
 
 async def booting_to_ready(session, instance_id, *, lease) -> bool:
@@ -138,12 +143,14 @@ async def ready_to_draining(session, instance_id, *, lease, reason: str) -> bool
 async def terminating_to_terminated(session, instance_id, *, lease) -> bool:
     return await transition(session, instance_id, Status.TERMINATING, Status.TERMINATED,
                             reason="Deletion confirmed by the provider", actor="lifecycle",
-                            lease=lease, changes={"terminated_at": _now()})
+                            lease=lease, changes={"terminated_at": _now(), "billed_until": _now()})
 
 
-async def mark_provider_deleted(session, instance_id, source: Status, *, lease, reason: str) -> bool:
+async def mark_provider_deleted(session, instance_id, source: Status, *, lease, reason: str,
+                                actor: str = "lifecycle") -> bool:
     return await transition(session, instance_id, source, Status.PROVIDER_DELETED, reason=reason,
-                            actor="lifecycle", lease=lease, changes={"failure_reason": reason})
+                            actor=actor, lease=lease,
+                            changes={"failure_reason": reason, "billed_until": _now()})
 
 
 async def archive(session, instance_id, source: Status) -> bool:

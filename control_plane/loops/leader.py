@@ -13,6 +13,8 @@ import asyncio
 import asyncpg
 import structlog
 
+from control_plane.metrics import LEADER
+
 log = structlog.get_logger(__name__)
 
 _LEADER_LOCK = 0x43_50_4C_45_41_44  # "CPLEAD"
@@ -45,6 +47,7 @@ class Leader:
         if self._conn is not None and not self._conn.is_closed():
             await self._conn.close()
         self._conn = None
+        LEADER.set(0)
 
     async def _try_acquire(self) -> None:
         try:
@@ -56,6 +59,7 @@ class Leader:
             conn.add_termination_listener(lambda _c: self._lost())
             self._conn = conn
             self.changed.set()
+            LEADER.set(1)
             log.info("Became leader")
         else:
             await conn.close()
@@ -64,3 +68,4 @@ class Leader:
         log.warning("Leadership lost (connection closed)")
         self._conn = None
         self.changed.set()
+        LEADER.set(0)

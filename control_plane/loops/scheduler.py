@@ -16,7 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from control_plane.lifecycle import transitions as t
 from control_plane.lifecycle.states import Status
+from control_plane.loops.health import check_health
 from control_plane.loops.leader import Leader
+from control_plane.loops.pools import autoscale
+from control_plane.loops.reconcile import reconcile
 from control_plane.loops.volume_sweep import sweep_volumes
 from control_plane.providers import Providers
 from control_plane.settings import Settings
@@ -47,6 +50,9 @@ def build_scheduler(
     async def trim_command_stream() -> int:
         return await trim_acknowledged(redis, settings.command_stream, settings.consumer_group)
 
+    async def forget_archived() -> int:
+        return await delete_archived(sessions, settings.archived_retention_seconds)
+
     async def prune_events() -> int:
         return await delete_old_rows(sessions, "events", settings.events_retention_seconds)
 
@@ -58,9 +64,24 @@ def build_scheduler(
     async def sweep_orphaned_volumes() -> list:
         return await sweep_volumes(sessions, providers, settings, reported_orphans)
 
+    async def health() -> object:
+        return await check_health(sessions, providers, settings)
+
+    async def pools() -> object:
+        return await autoscale(sessions, providers, settings)
+
+    async def reconcile_providers() -> object:
+        return await reconcile(sessions, providers, settings)
+
+    scheduler.add_job(leader_only(health), "interval", seconds=settings.health_check_seconds, id="health")
+    scheduler.add_job(leader_only(pools), "interval", seconds=settings.autoscale_seconds, id="pools")
+    scheduler.add_job(leader_only(reconcile_providers), "interval", seconds=settings.reconcile_seconds,
+                      id="reconcile")
     scheduler.add_job(leader_only(sweep_orphaned_volumes), "interval",
                       seconds=settings.volume_sweep_seconds, id="volume-sweep")
     scheduler.add_job(leader_only(archive_terminated), "interval", minutes=10, id="archive")
+    if settings.archived_retention_seconds > 0:
+        scheduler.add_job(leader_only(forget_archived), "interval", hours=1, id="forget-archived")
     scheduler.add_job(leader_only(prune_events), "interval", hours=1, id="prune-events")
     scheduler.add_job(leader_only(prune_metrics), "interval", minutes=10, id="prune-metrics")
     scheduler.add_job(leader_only(trim_command_stream), "interval", minutes=1, id="trim")
@@ -81,6 +102,25 @@ async def archive_old_instances(sessions: async_sessionmaker[AsyncSession], age_
     if archived:
         log.info("Instances archived", count=archived)
     return archived
+
+
+async def delete_archived(sessions: async_sessionmaker[AsyncSession], age_seconds: float) -> int:
+    """Delete instances archived more than `age_seconds` ago, with their history, actions,
+    volumes, metrics and agent commands (cascade) and their feed events, in batches."""
+    deleted = 0
+    while True:
+        async with sessions.begin() as session:
+            ids = list((await session.execute(
+                text("DELETE FROM instances WHERE id IN (SELECT id FROM instances WHERE status = 'archived'"
+                     " AND status_changed_at < now() - make_interval(secs => :age) LIMIT 500) RETURNING id"),
+                {"age": age_seconds})).scalars())
+            if ids:
+                await session.execute(text("DELETE FROM events WHERE instance_id = ANY(:ids)"), {"ids": ids})
+        deleted += len(ids)
+        if len(ids) < 500:
+            if deleted:
+                log.info("Archived instances deleted", count=deleted)
+            return deleted
 
 
 _PRUNABLE = {"events", "instance_metrics"}

@@ -84,6 +84,29 @@ async def test_old_terminated_instances_are_archived(settings, db, database_url)
     assert tuple(history) == ("terminated", "archived", "archive")
 
 
+async def test_archived_instances_are_forgotten_after_their_retention(db, database_url):
+    from control_plane.db.engine import make_engine, make_sessionmaker
+    from control_plane.loops.scheduler import delete_archived
+
+    old, recent = uuid.uuid4(), uuid.uuid4()
+    for instance_id, age in ((old, "40 days"), (recent, "1 day")):
+        await db.execute(
+            "INSERT INTO instances (id, provider, instance_type, model, status, status_changed_at)"
+            f" VALUES ($1, 'local', 'local-gpu', 'm', 'archived', now() - interval '{age}')", instance_id)
+        await db.execute("INSERT INTO instance_state_history (instance_id, to_status, transition, actor)"
+                         " VALUES ($1, 'archived', 'archive', 'scheduler')", instance_id)
+        await db.execute("INSERT INTO events (type, instance_id, data) VALUES ('instance.status', $1, '{}')",
+                         instance_id)
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        assert await delete_archived(make_sessionmaker(engine), 30 * 24 * 3600) == 1
+    finally:
+        await engine.dispose()
+    assert [r["id"] for r in await db.fetch("SELECT id FROM instances")] == [recent]
+    assert [r["instance_id"] for r in await db.fetch("SELECT instance_id FROM instance_state_history")] == [recent]
+    assert [r["instance_id"] for r in await db.fetch("SELECT instance_id FROM events")] == [recent]
+
+
 async def test_trimming_keeps_pending_and_unread_commands(settings, redis):
     stream, group = settings.command_stream, settings.consumer_group
     await redis.xgroup_create(stream, group, id="0", mkstream=True)
