@@ -42,8 +42,6 @@ headers or body malformed."""
 WATCHED_STATUSES = (Status.PROVISIONING, Status.BOOTING, Status.DRAINING, Status.TERMINATING)
 """Statuses an instance should leave on its own: their oldest member is exported for alerts."""
 STALE_AFTER_BEATS = 3
-POOL = ""
-"""The `pool` label of `cp_instances` until instances belong to pools."""
 FLEET_QUERY_TIMEOUT_SECONDS = 5.0
 
 COMMANDS = Counter("cp_commands_total", "Commands consumed from the command stream, by outcome",
@@ -60,6 +58,12 @@ FEED_SUBSCRIBERS = Gauge("cp_feed_subscribers", "Open feed subscriptions in this
                          " feeds, agents' command streams, the event mirror)")
 VOLUME_SWEEP_ORPHANS = Gauge("cp_volume_sweep_orphans", "Orphaned volumes found by the last sweep",
                              ["provider"])
+ORPHAN_MACHINES = Gauge("cp_orphan_machines", "Machines tagged as ours that no live instance owns,"
+                        " found by the last reconciliation", ["provider"])
+RECONCILE_FAILURES = Counter("cp_reconcile_failures_total",
+                             "Reconciliation passes that could not list a provider's machines", ["provider"])
+STUCK_INSTANCES = Counter("cp_instances_stuck_total", "Instances found stuck in a transition by"
+                          " reconciliation (reported once per stay)")
 
 INSTANCES = Gauge("cp_instances", "Instances by status, provider and pool (archived ones left out)",
                   ["status", "provider", "pool"])
@@ -133,31 +137,34 @@ async def refresh_fleet(sessions: async_sessionmaker[AsyncSession], providers: I
 _ON_COMMIT = "cp_metrics_on_commit"
 
 _FLEET = text(
-    "SELECT status, provider, currency, count(*) AS n,"
-    " coalesce(sum(hourly_price) FILTER (WHERE status = ANY(:active)"
-    " AND provider_instance_id IS NOT NULL), 0) AS rate,"
-    " count(*) FILTER (WHERE status = 'ready' AND coalesce(last_heartbeat_at, status_changed_at)"
+    "SELECT i.status, i.provider, i.currency, coalesce(p.name, '') AS pool, count(*) AS n,"
+    " coalesce(sum(i.hourly_price) FILTER (WHERE i.status = ANY(:active)"
+    " AND i.provider_instance_id IS NOT NULL), 0) AS rate,"
+    " count(*) FILTER (WHERE i.status = 'ready' AND coalesce(i.last_heartbeat_at, i.status_changed_at)"
     " < now() - make_interval(secs => :stale)) AS stale,"
-    " extract(epoch FROM now() - min(status_changed_at)) AS oldest"
-    " FROM instances WHERE status <> 'archived' GROUP BY status, provider, currency")
+    " extract(epoch FROM now() - min(i.status_changed_at)) AS oldest"
+    " FROM instances i LEFT JOIN pools p ON p.id = i.pool_id"
+    " WHERE i.status <> 'archived' GROUP BY i.status, i.provider, i.currency, p.name")
 
 
 def _publish(rows: Iterable, providers: list[str]) -> None:
     """Replace the fleet gauges' values at once (no await in here: a scrape sees all or none)."""
-    counts = {(s.value, p): 0 for s in Status if s is not Status.ARCHIVED for p in providers}
+    # Every status and provider outside pools is exported, zero or not, for the alerts.
+    counts = {(s.value, p, ""): 0 for s in Status if s is not Status.ARCHIVED for p in providers}
     rates: dict[str, float] = {}
     oldest = {s.value: 0.0 for s in WATCHED_STATUSES}
     stale = 0
     for r in rows:
-        counts[(r.status, r.provider)] = counts.get((r.status, r.provider), 0) + r.n
+        key = (r.status, r.provider, r.pool)
+        counts[key] = counts.get(key, 0) + r.n
         if r.currency:
             rates[r.currency] = rates.get(r.currency, 0.0) + float(r.rate)
         stale += r.stale
         if r.status in oldest:
             oldest[r.status] = max(oldest[r.status], float(r.oldest))
     INSTANCES.clear()
-    for (status, provider), n in counts.items():
-        INSTANCES.labels(status, provider, POOL).set(n)
+    for (status, provider, pool), n in counts.items():
+        INSTANCES.labels(status, provider, pool).set(n)
     COST_RATE.clear()
     for currency, rate in rates.items():
         COST_RATE.labels(currency).set(rate)
@@ -166,6 +173,8 @@ def _publish(rows: Iterable, providers: list[str]) -> None:
     STALE_HEARTBEATS.set(stale)
     for provider in providers:  # series the alerts read, before any sweep or provider call
         VOLUME_SWEEP_ORPHANS.labels(provider)
+        ORPHAN_MACHINES.labels(provider)
+        RECONCILE_FAILURES.labels(provider)
         BREAKER.labels(provider, "*")
 
 

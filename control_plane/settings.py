@@ -170,6 +170,10 @@ class Settings:
     local_model_cache: bool = True
     """Give `local` machines a persistent model-cache volume (kept on terminate)."""
 
+    def __post_init__(self) -> None:
+        if self.orphan_policy not in ("report", "terminate"):
+            raise SettingsError(f"CP_ORPHAN_POLICY={self.orphan_policy!r}: use report or terminate")
+
     @property
     def agent_url(self) -> str:
         return self.public_url or f"http://{self.host}:{self.port}"

@@ -105,7 +105,7 @@ async def test_every_alert_reads_series_that_exist_before_anything_happened(cont
     alerts = {r["alert"] for r in rules}
     assert {"InstanceStuckProvisioning", "InstanceStuckBooting", "AgentHeartbeatsStale",
             "ProviderCircuitBreakerOpen", "CommandsDeadLettered", "OrphanedVolumesFound",
-            "TerminationStuck"} <= alerts
+            "TerminationStuck", "OrphanMachinesFound", "ReconciliationFailing", "NoLeader"} <= alerts
     for rule in rules:
         assert rule["for"] and rule["labels"]["severity"] in ("info", "warning", "critical"), rule["alert"]
         assert len(rule["annotations"]["summary"]) > 10 and len(rule["annotations"]["description"]) > 80

@@ -22,6 +22,7 @@ from adapters.local._store import Store
 from control_plane.agent_release import current_release
 from control_plane.db.engine import asyncpg_dsn
 from tests.conftest import RunningControlPlane, eventually
+from tests.e2e.test_metrics import scrape
 
 RELEASE = current_release()
 AGENT_INFO = {"version": RELEASE.version, "build_date": RELEASE.build_date, "checksum": RELEASE.sha256}
@@ -84,6 +85,9 @@ async def test_a_queue_surge_grows_the_pool_and_idleness_shrinks_it_through_drai
         # 1 ready × 10 waiting / 4 per instance → 3 (the max), in one decision.
         ready = await eventually(lambda: _count(members(db, "chat"), 3), timeout=90,
                                  message="pool grown to 3 ready instances")
+        fleet = await scrape(cp)
+        assert fleet.value("cp_instances", status="ready", provider="local", pool="chat") == 3
+        assert fleet.value("cp_instances", status="ready", provider="local", pool="") == 0
         load["vllm"] = {"num_requests_waiting": 0, "num_requests_running": 0}
         load["gpus"] = [{"utilization_percent": 3}]
         await eventually(lambda: _count(members(db, "chat", ("provisioning", "booting", "ready")), 1),
