@@ -19,6 +19,7 @@ from sqlalchemy import text
 from control_plane.agents import AgentConflict
 from control_plane.api.agent import AgentController, AgentInstallController
 from control_plane.api.auth import require_api_key
+from control_plane.api.costs import cost_report
 from control_plane.api.dashboard import DASHBOARD_ROUTES
 from control_plane.api.events import EventController
 from control_plane.api.hosts import HostController
@@ -29,6 +30,7 @@ from control_plane.api.instances import (
     fleet,
 )
 from control_plane.api.metrics import metrics
+from control_plane.api.orphans import OrphanController
 from control_plane.api.pools import PoolController
 from control_plane.api.schemas import Health
 from control_plane.providers import UnknownOffer
@@ -99,7 +101,8 @@ def _internal(request: Request, exc: Exception) -> Response:
 
 def create_app(runtime: Runtime) -> Litestar:
     admin = Router(path="/", route_handlers=[InstanceController, JoinTokenController, EventController,
-                                             HostController, PoolController, metrics, fleet],
+                                             HostController, PoolController, OrphanController, metrics, fleet,
+                                             cost_report],
                    guards=[require_api_key])
     app = Litestar(
         route_handlers=[healthz, readyz, admin, AgentController, AgentInstallController,

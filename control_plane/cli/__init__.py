@@ -14,6 +14,7 @@ import typer
 
 from control_plane.cli._api import ADMIN_KEY_FILE
 from control_plane.cli.client import instances_app, join_tokens_app
+from control_plane.cli.costs import costs
 from control_plane.cli.hosts import hosts_app
 from control_plane.cli.pools import pools_app
 from control_plane.cli.status import status
@@ -61,6 +62,7 @@ def migrate() -> None:
 
 
 app.command("status")(status)
+app.command("costs")(costs)
 
 
 @apikey_app.command("create")
