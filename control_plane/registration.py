@@ -99,9 +99,10 @@ async def register(sessions: async_sessionmaker[AsyncSession], settings: Setting
             raise JoinRefused
         await session.execute(
             text("INSERT INTO instances (id, provider, instance_type, model, model_spec, labels,"
-                 " status, provider_instance_id, ip, agent_token_hash, created_by_command, boot_deadline_at)"
+                 " status, provider_instance_id, ip, agent_token_hash, created_by_command, boot_deadline_at,"
+                 " billed_from)"
                  " VALUES (:id, :p, :t, :m, CAST(:s AS jsonb), CAST(:l AS jsonb), 'booting', :pid, :ip,"
-                 " :h, :cmd, now() + make_interval(secs => :boot))"),
+                 " :h, :cmd, now() + make_interval(secs => :boot), now())"),
             {"id": instance_id, "p": ONPREM, "t": spent.instance_type, "m": spent.model,
              "s": json.dumps(spent.model_spec), "l": json.dumps(spent.labels),
              "pid": f"{ONPREM}:{body.hostname}:{instance_id.hex[:8]}", "ip": body.address,

@@ -268,6 +268,7 @@ async def test_a_join_token_registers_one_host_once(control_plane, db):
     assert (row["provider"], row["status"], row["instance_type"], row["ip"], row["progress"]) == (
         "onprem", "booting", "4xL40S", "10.0.0.7", 50)
     assert json.loads(row["labels"]) == {"site": "lyon"}
+    assert row["billed_from"] is not None, "its hours count from the join (no price: the owner's machine)"
     async with control_plane.agent_client(instance_id, token=env["WORKER_AGENT_TOKEN"]) as agent:
         assert (await agent.post("/v1/agent/heartbeat", json=heartbeat())).status_code == 200
     async with control_plane.client() as admin:
