@@ -159,6 +159,10 @@ class ProviderAdapter(abc.ABC):
     async def describe(self, provider_instance_id: str) -> Machine | None:
         """The machine's current state, or `None` when it no longer exists."""
 
+    async def describe_many(self, provider_instance_ids: list[str]) -> dict[str, Machine | None]:
+        """`describe` of each id (adapters that can ask about many at once override this)."""
+        return {pid: await self.describe(pid) for pid in provider_instance_ids}
+
     @abc.abstractmethod
     async def list_by_tags(self, tags: dict[str, str]) -> list[Machine]:
         """Every live machine carrying all of `tags`."""

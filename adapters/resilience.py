@@ -60,6 +60,8 @@ class ResiliencePolicy:
     backoff_max: float = 8.0
     budget_seconds: float = 30.0
     """Time for one call, its retries and backoffs included."""
+    listing_budget_seconds: float = 300.0
+    """The same for a listing of every page (`list_by_tags`, `list_tagged_volumes`)."""
     failure_threshold: int = 5
     reset_seconds: float = 60.0
 
@@ -129,11 +131,13 @@ class ResilientProvider(ProviderAdapter):
                                           self._policy.reset_seconds, self._clock)
         return self._breakers[key]
 
-    async def _call(self, operation: str, zone: str | None, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, operation: str, zone: str | None, call: Callable[[], Awaitable[T]],
+                    budget: float | None = None) -> T:
         breaker = self.breaker(zone)
         policy = self._policy
+        budget = budget or policy.budget_seconds
         started = time.monotonic()
-        deadline = started + policy.budget_seconds
+        deadline = started + budget
         attempt = 0
         try:
             while True:
@@ -148,7 +152,7 @@ class ResilientProvider(ProviderAdapter):
                         raise TimeoutError
                     result = await asyncio.wait_for(call(), remaining)
                 except (TimeoutError, TemporaryProviderError) as exc:
-                    error = _normalize(exc, operation, policy.budget_seconds)
+                    error = _normalize(exc, operation, budget)
                     if isinstance(error, (ProviderUnavailable, RateLimited)):
                         breaker.failed(str(error))
                     else:  # NotReadyYet: the provider works, the resource is busy
@@ -187,8 +191,13 @@ class ResilientProvider(ProviderAdapter):
         return await self._call("describe", self.inner.zone_of(provider_instance_id),
                                 lambda: self.inner.describe(provider_instance_id))
 
+    async def describe_many(self, provider_instance_ids: list[str]) -> dict[str, Machine | None]:
+        return await self._call("describe_many", None, lambda: self.inner.describe_many(provider_instance_ids),
+                                self._policy.listing_budget_seconds)
+
     async def list_by_tags(self, tags: dict[str, str]) -> list[Machine]:
-        return await self._call("list_by_tags", None, lambda: self.inner.list_by_tags(tags))
+        return await self._call("list_by_tags", None, lambda: self.inner.list_by_tags(tags),
+                                self._policy.listing_budget_seconds)
 
     async def terminate(self, provider_instance_id: str) -> None:
         return await self._call("terminate", self.inner.zone_of(provider_instance_id),
@@ -204,7 +213,7 @@ class ResilientProvider(ProviderAdapter):
 
     async def list_tagged_volumes(self, tags: dict[str, str]) -> list[Volume]:
         return await self._call("list_tagged_volumes", None,
-                                lambda: self.inner.list_tagged_volumes(tags))
+                                lambda: self.inner.list_tagged_volumes(tags), self._policy.listing_budget_seconds)
 
     def zone_of(self, provider_id: str) -> str | None:
         return self.inner.zone_of(provider_id)

@@ -80,6 +80,7 @@ class Providers:
     def wrapped(cls, adapters: list[ProviderAdapter], settings: Settings) -> Providers:
         policy = ResiliencePolicy(
             retries=settings.provider_retries, budget_seconds=settings.provider_call_timeout_seconds,
+            listing_budget_seconds=settings.provider_listing_timeout_seconds,
             failure_threshold=settings.breaker_failure_threshold,
             reset_seconds=settings.breaker_reset_seconds)
         return cls({a.name: ResilientProvider(a, policy) for a in adapters},

@@ -68,6 +68,9 @@ class Settings:
     """Fallback poll interval of lifecycle workers (they are woken by NOTIFY first)."""
     provider_call_timeout_seconds: float = 30.0
     """Upper bound of one provider API call."""
+    provider_listing_timeout_seconds: float = 300.0
+    """Upper bound of a listing of every page (reconciliation, volume sweep): 10,000 EC2
+    instances are 10 pages of a few seconds each."""
     provider_max_attempts: int = 8
     """Attempts on a temporary provider error before an instance fails."""
     boot_timeout_seconds: float = 900.0

@@ -158,6 +158,16 @@ class AwsProvider(ProviderAdapter):
         instance = await self._describe_raw(provider_instance_id)
         return None if instance is None else _to_machine(instance)
 
+    async def describe_many(self, provider_instance_ids: list[str]) -> dict[str, Machine | None]:
+        """One call per 200 ids: the `instance-id` filter leaves unknown ids out, where
+        `InstanceIds` would fail the whole call."""
+        found: dict[str, Machine] = {}
+        for start in range(0, len(provider_instance_ids), _FILTER_VALUES):
+            ids = provider_instance_ids[start:start + _FILTER_VALUES]
+            for i in await self._describe_instances(Filters=[{"Name": "instance-id", "Values": ids}]):
+                found[i["InstanceId"]] = _to_machine(i)
+        return {pid: found.get(pid) for pid in provider_instance_ids}
+
     async def list_by_tags(self, tags: dict[str, str]) -> list[Machine]:
         """Every instance not yet terminated carrying all of `tags` (one call per page)."""
         instances = await self._describe_instances(

@@ -4,8 +4,8 @@ providers say.
 Per provider that owns machines, one listing of everything carrying our cluster tag (the
 adapters paginate: provider calls grow with pages, not with instances), compared with Postgres:
 
-- **Lost machines.** An instance booting, ready or draining whose machine is not listed is
-  asked about once more (`describe`: listings can lag); gone, it is `provider_deleted`. The
+- **Lost machines.** Instances booting, ready or draining whose machines are not listed are
+  asked about once more (`describe_many`: listings can lag); gone, they are `provider_deleted`. The
   instances are read *before* the listing, so a machine created meanwhile cannot look lost.
 - **Orphan machines.** A listed machine no live instance owns: no instance tag, an instance we
   do not know, an instance already final (before the listing began), or a second machine for
@@ -24,7 +24,6 @@ others go on.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +43,6 @@ from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-_DESCRIBES_AT_ONCE = 16
 _RUNNING_ON_MACHINE = [Status.BOOTING.value, Status.READY.value, Status.DRAINING.value]
 _OWNING = {Status.PROVISIONING, Status.BOOTING, Status.READY, Status.DRAINING, Status.TERMINATING,
            Status.STARTUP_FAILED}
@@ -101,7 +99,7 @@ async def _reconcile_provider(sessions: async_sessionmaker[AsyncSession], name: 
     report.listed = len(machines)
     listed = {m.provider_instance_id for m in machines}
     missing = [row for row in believed if row.provider_instance_id not in listed]
-    report.lost = await _mark_lost(sessions, adapter, missing, settings)
+    report.lost = await _mark_lost(sessions, adapter, missing)
     report.orphans = await _find_orphans(sessions, name, machines, listing_began)
     report.orphans_terminated = await _record_orphans(sessions, name, adapter, machines, report.orphans,
                                                       settings)
@@ -109,20 +107,17 @@ async def _reconcile_provider(sessions: async_sessionmaker[AsyncSession], name: 
     return report
 
 
-async def _mark_lost(sessions: async_sessionmaker[AsyncSession], adapter: Any, missing: list[Any],
-                     settings: Settings) -> list[uuid.UUID]:
-    limit = asyncio.Semaphore(_DESCRIBES_AT_ONCE)
-
-    async def gone(row: Any) -> bool:
-        async with limit:
-            try:
-                machine = await asyncio.wait_for(adapter.describe(row.provider_instance_id),
-                                                 settings.provider_call_timeout_seconds)
-            except (TimeoutError, ProviderError):
-                return False  # not sure: the next pass asks again
-            return machine is None or machine.state == "terminated"
-
-    verdicts = await asyncio.gather(*(gone(row) for row in missing))
+async def _mark_lost(sessions: async_sessionmaker[AsyncSession], adapter: Any,
+                     missing: list[Any]) -> list[uuid.UUID]:
+    if not missing:
+        return []
+    try:  # one call per 200 machines on EC2, not one each
+        machines = await adapter.describe_many([row.provider_instance_id for row in missing])
+    except ProviderError as exc:
+        log.warning("Reconciliation could not confirm lost machines", error=str(exc))
+        return []  # not sure: the next pass asks again
+    verdicts = [machines.get(row.provider_instance_id) is None
+                or machines[row.provider_instance_id].state == "terminated" for row in missing]
     lost = []
     for row, is_gone in zip(missing, verdicts, strict=True):
         if not is_gone:

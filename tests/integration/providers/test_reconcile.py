@@ -67,10 +67,12 @@ async def test_lost_machines_orphans_and_policy(settings, sessions, db, make_aws
     kept = await add_instance(db, "ready", None)
     kept_machine = run_machine(ours(kept))
     await db.execute("UPDATE instances SET provider_instance_id = $1 WHERE id = $2::uuid", kept_machine, kept)
-    lost = await add_instance(db, "ready", None)
-    lost_machine = run_machine(ours(lost))
+    lost, also_lost = await add_instance(db, "ready", None), await add_instance(db, "draining", None)
+    lost_machine, also_lost_machine = run_machine(ours(lost)), run_machine(ours(also_lost))
     await db.execute("UPDATE instances SET provider_instance_id = $1 WHERE id = $2::uuid", lost_machine, lost)
-    ec2.terminate_instances(InstanceIds=[lost_machine])  # behind our back
+    await db.execute("UPDATE instances SET provider_instance_id = $1 WHERE id = $2::uuid",
+                     also_lost_machine, also_lost)
+    ec2.terminate_instances(InstanceIds=[lost_machine, also_lost_machine])  # behind our back
     creating = await add_instance(db, "provisioning", None, changed_ago_s=5)  # create sent, not yet recorded
     creating_machine = run_machine(ours(creating))
     finished = await add_instance(db, "terminated", None)
@@ -89,8 +91,8 @@ async def test_lost_machines_orphans_and_policy(settings, sessions, db, make_aws
     listings = ec2_proxy.count(contains="Action=DescribeInstances") - listed_before
 
     assert report.error is None and report.listed == 10
-    assert listings == math.ceil(10 / 5) + 1, "one call per page, and one describe for the lost machine"
-    assert report.lost == [uuid.UUID(lost)]
+    assert listings == math.ceil(10 / 5) + 1, "one call per page, and one describe for the lost machines"
+    assert sorted(report.lost) == sorted([uuid.UUID(lost), uuid.UUID(also_lost)])
     row = await db.fetchrow("SELECT status, failure_reason, billed_until FROM instances WHERE id = $1::uuid", lost)
     assert row["status"] == "provider_deleted" and lost_machine in row["failure_reason"]
     assert await db.fetchval("SELECT actor FROM instance_state_history WHERE instance_id = $1::uuid"
