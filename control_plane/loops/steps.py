@@ -10,14 +10,17 @@ start; during termination they only retry, so nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from adapters.base import (
@@ -48,6 +51,10 @@ from control_plane.security import agent_token, digest
 from control_plane.settings import Settings
 
 log = structlog.get_logger(__name__)
+
+CREATE_SETTLE_CALLS = 4
+"""A create's HTTP request may be retried by the provider's client (botocore: 1 + 3 attempts,
+each bounded by the call timeout) after we stopped waiting: a machine can appear until then."""
 
 RENEW = text(
     "UPDATE instances SET lock_expires_at = now() + make_interval(secs => :lease)"
@@ -224,6 +231,8 @@ class Steps:
                         text("UPDATE instances SET provider_instance_id = :p WHERE id = :id"),
                         {"p": found[0].provider_instance_id, "id": row.id})
                 return NOW
+            if await self._create_may_land(row):
+                return Next(5.0)
         elif "PROVIDER_TERMINATE" not in done:
             if not adapter.owns_machines and not await self._agent_stopped(row):
                 return Next(2.0)  # the acknowledgement wakes us
@@ -299,7 +308,8 @@ class Steps:
             await self._owned(session, row)
             action_id = await start_action(session, row.id, action_type, metadata)
         try:
-            result = await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+            async with self._lease_kept(row):
+                result = await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
         except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
             return await self._failed(row, action_id, exc)
         async with self._sessions.begin() as session:
@@ -311,9 +321,32 @@ class Steps:
     async def _call(self, row: Any, call: Any) -> Any:
         """A read-only provider call (not logged as an action); failures retry later."""
         try:
-            return await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+            async with self._lease_kept(row):
+                return await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
         except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
             raise _Retry(await self._failed(row, None, exc)) from exc
+
+    @contextlib.asynccontextmanager
+    async def _lease_kept(self, row: Any) -> AsyncIterator[None]:
+        """Renew our lease while a provider call runs: a slow call must not let another worker
+        take the instance meanwhile and act on what the call has not yet told us."""
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self._s.lease_seconds / 3)
+                try:
+                    async with self._sessions.begin() as session:
+                        await session.execute(RENEW, {"id": row.id, "token": row.lock_token,
+                                                      "lease": self._s.lease_seconds})
+                except (OSError, SQLAlchemyError) as exc:  # the step's own writes will tell
+                    log.warning("Lease not renewed", instance_id=str(row.id), error=repr(exc)[:200])
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
 
     async def _failed(self, row: Any, action_id: int | None, exc: BaseException) -> Next:
         message = _describe(exc)
@@ -353,6 +386,21 @@ class Steps:
         if isinstance(exc, RateLimited) and exc.retry_after:
             return Next(exc.retry_after)
         return Next(min(60.0, 2 ** min(attempts, 6)) * random.uniform(0.5, 1.0))
+
+    async def _create_may_land(self, row: Any) -> bool:
+        """Whether a create we sent may still make a machine: one in flight (or whose worker
+        died) or unsure (timed out, server error), started less than `CREATE_SETTLE_CALLS` call
+        timeouts ago. A provider's client may retry it, under the same token, until then."""
+        async with self._sessions() as session:
+            latest = (await session.execute(
+                text("SELECT status, extract(epoch FROM now() - started_at) AS age FROM instance_actions"
+                     " WHERE instance_id = :id AND action_type = :t ORDER BY id DESC LIMIT 1"),
+                {"id": row.id, "t": Step.PROVIDER_CREATE.value})).one_or_none()
+        if latest is None:
+            return False
+        offer = row.offers[row.offer_index] if row.offer_index < len(row.offers) else {}
+        unsure = latest.status in ("running", "abandoned") or bool((offer or {}).get("unsure"))
+        return unsure and latest.age < CREATE_SETTLE_CALLS * self._s.provider_call_timeout_seconds
 
     async def _nothing_created(self, row: Any) -> bool:
         """Whether the provider we are leaving surely has no machine of ours: only then may

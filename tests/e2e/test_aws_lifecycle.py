@@ -201,3 +201,59 @@ async def test_a_provider_failing_every_call_opens_the_breaker_and_the_instance_
         assert 'cp_provider_breaker_state{provider="aws",zone="*"} 2.0' in metrics
         assert 'cp_provider_calls_total{operation="create",outcome="CircuitOpen",provider="aws"}' in metrics
     assert machines_of(ec2, instance_id) == []
+
+
+async def _terminated_with_its_machine(client, ec2, instance_id: str) -> list:
+    """Once the instance is terminated: the machine the slow create made, and its state."""
+    await eventually(lambda: in_status(client, instance_id, "terminated"), timeout=60,
+                     message="instance terminated")
+    await eventually(lambda: _settled(ec2, instance_id), timeout=30, message="its machine terminated")
+    return machines_of(ec2, instance_id, states=EVERY_STATE)
+
+
+EVERY_STATE = ("pending", "running", "stopping", "stopped", "shutting-down", "terminated")
+
+
+async def _settled(ec2, instance_id: str) -> bool:
+    found = machines_of(ec2, instance_id, states=EVERY_STATE)
+    return bool(found) and all(m["State"]["Name"] in ("shutting-down", "terminated") for m in found)
+
+
+async def test_a_slow_create_keeps_its_lease_and_a_terminate_waits_for_its_machine(
+        settings, ec2_proxy, ami, ec2):
+    """The create takes longer than a lease: the worker keeps renewing it, so nobody else acts
+    on the instance meanwhile; the terminate asked during the create ends the machine."""
+    settings = aws_settings(settings, ec2_proxy, ami, lease_seconds=1.5)
+    ec2_proxy.add_rule(contains="Action=RunInstances", delay_seconds=5, times=1)
+    async with RunningControlPlane(settings) as cp, cp.client() as client:
+        instance_id = (await client.post("/v1/instances", json={
+            "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})).json()["id"]
+        await eventually(lambda: _create_started(client, instance_id), message="create in flight")
+        assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+        [machine] = await _terminated_with_its_machine(client, ec2, instance_id)
+        row = (await client.get(f"/v1/instances/{instance_id}")).json()
+        assert row["provider_instance_id"] == machine["InstanceId"]
+        actions = (await client.get(f"/v1/instances/{instance_id}/actions")).json()["items"]
+        assert [a["status"] for a in actions if a["action_type"] == "PROVIDER_CREATE"] == ["succeeded"]
+
+
+async def test_a_terminate_after_a_timed_out_create_waits_for_the_machine_it_may_make(
+        settings, ec2_proxy, ami, ec2):
+    """The create times out on our side but reaches EC2 later: terminating does not conclude
+    "no machine" from one empty lookup while such a create can still land."""
+    settings = aws_settings(settings, ec2_proxy, ami, provider_call_timeout_seconds=2.0, provider_retries=0)
+    ec2_proxy.add_rule(contains="Action=RunInstances", delay_seconds=4, times=1)
+    async with RunningControlPlane(settings) as cp, cp.client() as client:
+        instance_id = (await client.post("/v1/instances", json={
+            "provider": "aws", "instance_type": "g5.xlarge", "model": "org/m"})).json()["id"]
+        await eventually(lambda: _create_started(client, instance_id), message="create in flight")
+        assert (await client.delete(f"/v1/instances/{instance_id}")).status_code == 202
+        [machine] = await _terminated_with_its_machine(client, ec2, instance_id)
+        row = (await client.get(f"/v1/instances/{instance_id}")).json()
+        assert row["provider_instance_id"] == machine["InstanceId"], "the late machine was adopted"
+
+
+async def _create_started(client, instance_id: str) -> bool:
+    answer = await client.get(f"/v1/instances/{instance_id}/actions")
+    return answer.status_code == 200 and any(
+        a["action_type"] == "PROVIDER_CREATE" for a in answer.json()["items"])

@@ -57,6 +57,8 @@ class Rule:
     forward_then_hang: bool = False
     """Forward the request (the upstream acts on it), then withhold the answer until the
     proxy stops: a crash "between sent and recorded"."""
+    delay_seconds: float = 0.0
+    """Hold the request this long, then forward it: a slow API (the upstream acts late)."""
     times: int | None = None
     """How many times the rule acts; None: forever."""
     fraction: float = 1.0
@@ -163,6 +165,10 @@ class _Handler(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         seen = Seen(self.command, path, query, raw_body.decode("utf-8", "replace"))
         rule = proxy._decide(seen)
+        if rule is not None and rule.delay_seconds:
+            proxy._released.wait(rule.delay_seconds)
+            self._forward(proxy, raw_body)
+            return
         if rule is not None and rule.forward_then_hang:
             self._forward(proxy, raw_body, answer=False)
             proxy._released.wait()
