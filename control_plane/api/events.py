@@ -15,10 +15,10 @@ from typing import Annotated
 from litestar import Controller, Request, get
 from litestar.exceptions import ValidationException
 from litestar.params import HeaderParameter, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import Stream
 
 from control_plane.api.instances import error_responses
-from control_plane.feed.hub import FeedEvent, FeedFilter, FeedHub
+from control_plane.feed.hub import FeedFilter, FeedHub
 
 _BACKFILL_PAGE = 1000
 
@@ -34,7 +34,7 @@ class EventController(Controller):
         type: Annotated[list[str] | None, QueryParameter(description="Event type or prefix* (repeatable)")] = None,
         last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
         last_event_id: Annotated[int | None, QueryParameter(ge=0, description="Resume after this id (for clients that cannot set the header)")] = None,
-    ) -> ServerSentEvent:
+    ) -> Stream:
         resume = last_event_id
         if last_event_id_header is not None:
             try:
@@ -45,41 +45,53 @@ class EventController(Controller):
         runtime = request.app.state.runtime
         feed = _feed(runtime.hub, FeedFilter(instance_id, types), resume,
                      runtime.settings.sse_keepalive_seconds)
-        return ServerSentEvent(feed, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Stream(feed, media_type="text/event-stream",
+                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 async def _feed(hub: FeedHub, feed_filter: FeedFilter, resume: int | None,
-                keepalive: float) -> AsyncIterator[ServerSentEventMessage]:
+                keepalive: float) -> AsyncIterator[bytes]:
+    """SSE frames: each event's frame is encoded once (`FeedEvent.frame`), and the events
+    waiting in a subscriber's queue go out as one chunk (one write for a burst)."""
     sub = hub.subscribe(feed_filter)
     try:
         last = hub.position if resume is None else resume
         # The id tells a client where its stream starts, so it can resume from here.
-        yield ServerSentEventMessage(comment="connected", id=str(last))
+        yield f": connected\r\nid: {last}\r\n\r\n".encode()
         if resume is not None:
             while True:
                 events = await hub.fetch_since(last, feed_filter, _BACKFILL_PAGE)
-                for event in events:
-                    yield _message(event)
-                    last = event.id
+                if events:
+                    yield b"".join(e.frame for e in events)
+                    last = events[-1].id
                 if len(events) < _BACKFILL_PAGE:
                     break
         while True:
             if sub.overflowed and sub.queue.empty():
                 return  # too slow: the client reconnects with Last-Event-ID
-            try:
-                event = await asyncio.wait_for(sub.queue.get(), keepalive)
-            except TimeoutError:
-                yield ServerSentEventMessage(comment="keep-alive")
-                continue
-            if event is None:
-                return  # server shutting down
-            if event.id <= last:
-                continue
-            yield _message(event)
-            last = event.id
+            waiting = []
+            if sub.queue.empty():
+                try:
+                    async with asyncio.timeout(keepalive):
+                        waiting.append(await sub.queue.get())
+                except TimeoutError:
+                    yield _KEEPALIVE
+                    continue
+            while not sub.queue.empty():
+                waiting.append(sub.queue.get_nowait())
+            frames = []
+            for event in waiting:
+                if event is None:
+                    if frames:
+                        yield b"".join(frames)
+                    return  # server shutting down
+                if event.id > last:
+                    frames.append(event.frame)
+                    last = event.id
+            if frames:
+                yield b"".join(frames)
     finally:
         hub.unsubscribe(sub)
 
 
-def _message(event: FeedEvent) -> ServerSentEventMessage:
-    return ServerSentEventMessage(data=event.as_json(), event=event.type, id=str(event.id))
+_KEEPALIVE = b": keep-alive\r\n\r\n"

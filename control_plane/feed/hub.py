@@ -33,10 +33,20 @@ class FeedEvent:
     instance_id: uuid.UUID | None
     data: dict[str, Any]
     at: datetime
+    json: str = field(init=False, compare=False, repr=False)
+    """`data` with the event's id, type and time: what every subscriber is sent."""
+    frame: bytes = field(init=False, compare=False, repr=False)
+    """The SSE frame, encoded once however many subscribers receive it."""
+
+    def __post_init__(self) -> None:
+        text = json.dumps({**self.data, "event_id": self.id, "type": self.type,
+                           "at": self.at.isoformat()}, default=str)
+        object.__setattr__(self, "json", text)  # frozen: computed once, here
+        # json.dumps writes no line break, so the data is one `data:` line.
+        object.__setattr__(self, "frame", f"id: {self.id}\r\nevent: {self.type}\r\ndata: {text}\r\n\r\n".encode())
 
     def as_json(self) -> str:
-        return json.dumps({**self.data, "event_id": self.id, "type": self.type,
-                           "at": self.at.isoformat()}, default=str)
+        return self.json
 
 
 @dataclass(frozen=True, slots=True)
