@@ -388,9 +388,10 @@ class Steps:
         return Next(min(60.0, 2 ** min(attempts, 6)) * random.uniform(0.5, 1.0))
 
     async def _create_may_land(self, row: Any) -> bool:
-        """Whether a create we sent may still make a machine: one in flight (or whose worker
-        died) or unsure (timed out, server error), started less than `CREATE_SETTLE_CALLS` call
-        timeouts ago. A provider's client may retry it, under the same token, until then."""
+        """Whether a create we gave up on may still make a machine: it failed unsure (timed
+        out, server error) less than `CREATE_SETTLE_CALLS` call timeouts after it started, and
+        the provider's client may still be retrying it, under the same token. (A create whose
+        worker died died with it: the tag lookup after the lease expired sees what it made.)"""
         async with self._sessions() as session:
             latest = (await session.execute(
                 text("SELECT status, extract(epoch FROM now() - started_at) AS age FROM instance_actions"
@@ -399,7 +400,7 @@ class Steps:
         if latest is None:
             return False
         offer = row.offers[row.offer_index] if row.offer_index < len(row.offers) else {}
-        unsure = latest.status in ("running", "abandoned") or bool((offer or {}).get("unsure"))
+        unsure = latest.status == "failed" and bool((offer or {}).get("unsure"))
         return unsure and latest.age < CREATE_SETTLE_CALLS * self._s.provider_call_timeout_seconds
 
     async def _nothing_created(self, row: Any) -> bool:

