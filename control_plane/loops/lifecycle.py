@@ -37,21 +37,24 @@ log = structlog.get_logger(__name__)
 
 _CLAIM = text(
     """
-    UPDATE instances SET lock_token = :token, lock_expires_at = now() + make_interval(secs => :lease),
-           next_check_at = now() + make_interval(secs => :lease)
-    WHERE id IN (
-        SELECT id FROM instances
+    WITH picked AS (
+        SELECT id, lock_token IS NOT NULL AS taken_over FROM instances
         WHERE status = ANY(:statuses) AND next_check_at <= now()
           AND (lock_token IS NULL OR lock_expires_at < now())
         ORDER BY next_check_at LIMIT :limit FOR UPDATE SKIP LOCKED)
-    RETURNING *
+    UPDATE instances i SET lock_token = :token, lock_expires_at = now() + make_interval(secs => :lease),
+           next_check_at = now() + make_interval(secs => :lease)
+    FROM picked WHERE i.id = picked.id
+    RETURNING i.*, picked.taken_over
     """
 )
-# next_check_at only moves earlier while we hold the lease, so a wake-up (agent progress,
-# a command) that arrived during our work is not lost.
+"""`taken_over`: the previous holder's lease expired (it died): its running actions are void."""
+# A wake-up (agent progress, a command) that arrived since we last read the row moved
+# next_check_at: it is kept if earlier. Otherwise the step's own delay holds.
 _RELEASE = text(
     "UPDATE instances SET lock_token = NULL, lock_expires_at = NULL,"
-    " next_check_at = LEAST(next_check_at, now() + make_interval(secs => :delay))"
+    " next_check_at = CASE WHEN next_check_at = :seen THEN now() + make_interval(secs => :delay)"
+    " ELSE LEAST(next_check_at, now() + make_interval(secs => :delay)) END"
     " WHERE id = :id AND lock_token = :token"
 )
 _LOAD = text("SELECT * FROM instances WHERE id = :id AND lock_token = :token")
@@ -112,7 +115,8 @@ class LifecycleWorker:
                 "token": token, "lease": self._s.lease_seconds, "limit": limit,
                 "statuses": [s.value for s in ACTIVE_STATUSES]})).all()
             for row in rows:
-                await abandon_running_actions(session, row.id)
+                if row.taken_over:
+                    await abandon_running_actions(session, row.id)
         return list(rows)
 
     async def work(self, row: Any) -> None:
@@ -139,7 +143,7 @@ class LifecycleWorker:
         try:
             async with self._sessions.begin() as session:
                 await session.execute(_RELEASE, {"id": row.id, "token": row.lock_token,
-                                                 "delay": min(delay, self._s.lease_seconds)})
+                                                 "seen": row.next_check_at, "delay": delay})
         except Exception as exc:  # the lease expires on its own
             log.warning("Lease not released", instance_id=str(row.id), error=repr(exc)[:300])
 

@@ -223,11 +223,11 @@ async def test_idle_sse_connections_get_keep_alive_comments(control_plane):
 
 
 async def test_lists_page_with_cursors_without_gaps_or_repeats(control_plane, db):
-    ids = [uuid.uuid4() for _ in range(7)]
+    ids = [uuid.uuid4() for _ in range(7)]  # terminated: no worker starts machines for them
     for n, instance_id in enumerate(ids):
         await db.execute(
-            "INSERT INTO instances (id, provider, instance_type, model, labels, created_at)"
-            f" VALUES ($1, 'local', 'local-gpu', 'm', $2, now() - interval '{n} minutes')",
+            "INSERT INTO instances (id, provider, instance_type, model, labels, created_at, status)"
+            f" VALUES ($1, 'local', 'local-gpu', 'm', $2, now() - interval '{n} minutes', 'terminated')",
             instance_id, json.dumps({"team": "a" if n % 2 else "b"}))
         await db.execute(
             "INSERT INTO instance_state_history (instance_id, to_status, transition, actor)"
