@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -31,14 +30,18 @@ from pathlib import Path
 import asyncpg
 import httpx
 import structlog
-from redis.asyncio import Redis
 
 from adapters.local._store import Store
-from control_plane.db.engine import asyncpg_dsn, upgrade
+from benchmarks.support import (
+    control_plane_settings,
+    scratch_database,
+    scratch_redis,
+    serve,
+    until,
+)
+from control_plane.db.engine import asyncpg_dsn
 from control_plane.settings import Settings
 
-ADMIN_DSN = os.environ.get("CP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("CP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 HEARTBEAT_SECONDS = 10.0  # the real default of `agent_heartbeat_seconds`
 AIM_RSS_MB = 60
 AIM_CPU_PERCENT = 1.0
@@ -50,31 +53,12 @@ MB = 1024 * 1024
 
 
 async def main(seconds: float, warmup: float) -> dict:
-    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    redis = Redis.from_url(REDIS_URL)
-    prefix = f"bench:{uuid.uuid4().hex[:8]}"
-    try:
-        await asyncio.to_thread(upgrade, url)
+    async with scratch_database() as url, scratch_redis() as (_redis, prefix):
         baseline = await _bare_python_rss()
         with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(
-                database_url=url, redis_url=REDIS_URL, data_dir=Path(tmp), host="127.0.0.1",
-                port=_free_port(), admin_api_key="cpk_bench_" + uuid.uuid4().hex,
-                cluster_name=prefix.replace(":", "-"), command_stream=f"{prefix}:commands",
-                dead_letter_stream=f"{prefix}:commands:dead", events_stream=f"{prefix}:events",
-                consumer_name=f"bench-{os.getpid()}", local_boot_seconds=1.0,
-                agent_heartbeat_seconds=HEARTBEAT_SECONDS)
+            settings = control_plane_settings(url, prefix, Path(tmp), local_boot_seconds=1.0,
+                                              agent_heartbeat_seconds=HEARTBEAT_SECONDS)
             measured = await _measure(settings, seconds, warmup)
-    finally:
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
     rss = measured["rss_mb"]
     return {"name": "agent", "value": rss, "unit": "MB RSS (idle agent)",
             "baseline": baseline, "baseline_unit": "MB RSS of a bare `python -c 'import sys; sys.stdin.read()'`",
@@ -114,22 +98,14 @@ async def _bare_python_rss() -> float:
 
 
 async def _measure(settings: Settings, seconds: float, warmup: float) -> dict:
-    import uvicorn
 
-    from control_plane.api.app import create_app
     from control_plane.runtime import Runtime
 
     runtime = Runtime(settings, settings.database_url, settings.redis_url)
     server = serving = None
     agent_pid = agent_start = None
     try:
-        await runtime.start(migrate=False)
-        await runtime.seed_admin_key()
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(runtime), host="127.0.0.1", port=settings.port, log_config=None,
-            access_log=False, lifespan="off", timeout_graceful_shutdown=10))
-        serving = asyncio.create_task(server._serve())
-        await _until(lambda: _started(server, serving), 10, "HTTP server start")
+        server, serving = await serve(runtime, settings)
 
         began = time.monotonic()
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=10,
@@ -141,7 +117,7 @@ async def _measure(settings: Settings, seconds: float, warmup: float) -> dict:
         instance_id = uuid.UUID(created.json()["id"])
         db = await asyncpg.connect(asyncpg_dsn(settings.database_url))
         try:
-            machine = await _until(lambda: _ready(db, instance_id), READY_TIMEOUT_SECONDS, "instance ready")
+            machine = await until(lambda: _ready(db, instance_id), READY_TIMEOUT_SECONDS, "instance ready")
             ready_after = time.monotonic() - began
             record = Store(settings.data_dir / "local-provider").load_machine(machine)
             agent_pid, agent_start = record.pid, record.pid_start_time
@@ -226,7 +202,7 @@ async def _stop_machines(settings: Settings) -> None:
         return True
 
     if machines:
-        await _until(gone, 30, "local machines stopped", interval=0.2)
+        await until(gone, 30, "local machines stopped", interval=0.2)
 
 
 def _kill_leftovers(pgid: int, started: int | None) -> None:
@@ -276,25 +252,10 @@ def _status(pid: int) -> dict[str, int]:
     return values
 
 
-async def _started(server, serving: asyncio.Task) -> bool:
-    if serving.done():
-        serving.result()
-    return server.started
 
 
-async def _until(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(interval)
-    raise RuntimeError(f"{what} not reached within {timeout:g} s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

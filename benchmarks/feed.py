@@ -29,19 +29,15 @@ import json
 import math
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 # Only the standard library at module level: the subscriber process (`--client`) imports this
 # module too and must stay lean; the control plane's imports are inside the server functions.
 
-ADMIN_DSN = os.environ.get("CP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("CP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 ROOT = Path(__file__).resolve().parents[1]
 AIM_P99_MS = 250.0
 EVENT_TYPE = "bench.feed"
@@ -59,37 +55,14 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 async def main(subscribers: int, rate: float, seconds: float, baseline_seconds: float,
                profile: bool) -> dict:
-    import asyncpg
-    from redis.asyncio import Redis
-
-    from control_plane.db.engine import upgrade
-    from control_plane.settings import Settings
+    from benchmarks.support import control_plane_settings, scratch_database, scratch_redis
 
     load_before = os.getloadavg()[0]
-    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    redis = Redis.from_url(REDIS_URL)
-    prefix = f"bench:{uuid.uuid4().hex[:8]}"
-    try:
-        await asyncio.to_thread(upgrade, url)
+    async with scratch_database() as url, scratch_redis() as (_redis, prefix):
         with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(
-                database_url=url, redis_url=REDIS_URL, data_dir=Path(tmp), host="127.0.0.1",
-                port=_free_port(), admin_api_key="cpk_bench_" + uuid.uuid4().hex,
-                cluster_name=prefix.replace(":", "-"), command_stream=f"{prefix}:commands",
-                dead_letter_stream=f"{prefix}:commands:dead", events_stream=f"{prefix}:events",
-                consumer_name=f"bench-{os.getpid()}")
+            settings = control_plane_settings(url, prefix, Path(tmp))
             baseline, measured = await _measure(settings, subscribers, rate, seconds,
                                                 baseline_seconds, profile)
-    finally:
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
     p99, base = measured["p99_ms"], baseline["p99_ms"]
     return {
         "name": "feed", "value": p99, "unit": "ms p99 commit-to-receipt delay",
@@ -109,9 +82,8 @@ async def main(subscribers: int, rate: float, seconds: float, baseline_seconds: 
 async def _measure(settings, subscribers: int, rate: float, seconds: float,
                    baseline_seconds: float, profile: bool) -> tuple[dict, dict]:
     import httpx
-    import uvicorn
 
-    from control_plane.api.app import create_app
+    from benchmarks.support import serve
     from control_plane.runtime import Runtime
 
     runtime = Runtime(settings, settings.database_url, settings.redis_url)
@@ -119,13 +91,7 @@ async def _measure(settings, subscribers: int, rate: float, seconds: float,
     server = serving = None
     try:
         await publisher.start()
-        await runtime.start(migrate=False)
-        await runtime.seed_admin_key()
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(runtime), host="127.0.0.1", port=settings.port, log_config=None,
-            access_log=False, lifespan="off", timeout_graceful_shutdown=10))
-        serving = asyncio.create_task(server._serve())
-        await _until(lambda: _started(server, serving), 10, "HTTP server start")
+        server, serving = await serve(runtime, settings)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.port}", timeout=30,
                                      headers={"Authorization": f"Bearer {settings.admin_api_key}"}) as http:
             await publisher.run(0, 3, 10.0)  # warm the publisher's pool, the hub and the mirror
@@ -218,6 +184,8 @@ class _Publisher:
 
 async def _phase(*, settings, publisher, http, idle_gauge: float, rate: float, subscribers: int,
                  count: int, profile: bool) -> dict:
+    from benchmarks.support import until
+
     out = Path(settings.data_dir) / f"receipts-{subscribers}.json"
     client = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "benchmarks.feed", "--client", "--port", str(settings.port),
@@ -230,7 +198,7 @@ async def _phase(*, settings, publisher, http, idle_gauge: float, rate: float, s
             raise RuntimeError(f"subscriber process: {line}")
         connect_seconds = float(line.split()[2])
         # Every subscription is open in the hub (the gauge counts the mirror's too).
-        await _until(lambda: _gauge_is(http, idle_gauge + subscribers), 10,
+        await until(lambda: _gauge_is(http, idle_gauge + subscribers), 10,
                      f"cp_feed_subscribers = {idle_gauge + subscribers:g}")
         await asyncio.sleep(0.5)  # let the connect burst settle
 
@@ -436,25 +404,10 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-async def _started(server, serving: asyncio.Task) -> bool:
-    if serving.done():
-        serving.result()
-    return server.started
 
 
-async def _until(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(interval)
-    raise RuntimeError(f"{what} not reached within {timeout:g} s")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------

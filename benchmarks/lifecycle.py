@@ -70,9 +70,7 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -92,9 +90,13 @@ from adapters.base import (
     ProviderAdapter,
     Volume,
 )
+from benchmarks.support import (
+    control_plane_settings,
+    scratch_database,
+    scratch_redis,
+    serve,
+)
 
-ADMIN_DSN = os.environ.get("CP_BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("CP_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 PROVIDER = "zero"
 INSTANCE_TYPE = "zero-gpu"
 MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -242,40 +244,21 @@ class ZeroLatencyProvider(ProviderAdapter):
 
 
 async def main(count: int, profile: str | None) -> dict:
-    import asyncpg
-    from redis.asyncio import Redis
+    from control_plane.db.engine import asyncpg_dsn
 
-    from control_plane.db.engine import asyncpg_dsn, upgrade
-    from control_plane.settings import Settings
-
-    name = f"cp_bench_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    url = ADMIN_DSN.rsplit("/", 1)[0] + f"/{name}"
-    redis = Redis.from_url(REDIS_URL)
-    prefix = f"bench:{uuid.uuid4().hex[:8]}"
     instance_ids: set[str] = set()
-    try:
-        await asyncio.to_thread(upgrade, url)
-        baseline = await _baseline(asyncpg_dsn(url), count)
-        with tempfile.TemporaryDirectory() as tmp:
-            settings = Settings(
-                database_url=url, redis_url=REDIS_URL, data_dir=Path(tmp), host="127.0.0.1",
-                port=_free_port(), admin_api_key="cpk_bench_" + uuid.uuid4().hex,
-                cluster_name=prefix.replace(":", "-"), command_stream=f"{prefix}:commands",
-                dead_letter_stream=f"{prefix}:commands:dead", events_stream=f"{prefix}:events",
-                consumer_name=f"bench-{os.getpid()}", heartbeat_stale_seconds=3600.0)
-            measured = await _measure(settings, count, profile, instance_ids)
-        checked = await _check(asyncpg_dsn(url), measured)
-    finally:
-        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
-        keys += [k async for k in redis.scan_iter(match="cp:agent-nonce:*", count=1000)
-                 if k.decode().split(":")[2] in instance_ids]  # the signed reports' nonces
-        if keys:
-            await redis.delete(*keys)
-        await redis.aclose()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
+    async with scratch_database() as url, scratch_redis() as (redis, prefix):
+        try:
+            baseline = await _baseline(asyncpg_dsn(url), count)
+            with tempfile.TemporaryDirectory() as tmp:
+                settings = control_plane_settings(url, prefix, Path(tmp), heartbeat_stale_seconds=3600.0)
+                measured = await _measure(settings, count, profile, instance_ids)
+            checked = await _check(asyncpg_dsn(url), measured)
+        finally:  # the signed reports' nonces
+            nonces = [k async for k in redis.scan_iter(match="cp:agent-nonce:*", count=1000)
+                      if k.decode().split(":")[2] in instance_ids]
+            if nonces:
+                await redis.delete(*nonces)
     if measured["profiler"] is not None:
         _print_profile(measured["profiler"], profile)
     return _result(count, baseline, measured, checked, profile)
@@ -313,10 +296,8 @@ async def _baseline(dsn: str, count: int) -> float:
 
 async def _measure(settings, count: int, profile: str | None, instance_ids: set[str]) -> dict:
     import asyncpg
-    import uvicorn
 
     from control_plane.agent_release import current_release
-    from control_plane.api.app import create_app
     from control_plane.db.engine import asyncpg_dsn
     from control_plane.providers import Providers
     from control_plane.runtime import Runtime
@@ -342,13 +323,7 @@ async def _measure(settings, count: int, profile: str | None, instance_ids: set[
                       Providers.wrapped([provider], settings))
     server = serving = profiler = None
     try:
-        await runtime.start(migrate=False)
-        await runtime.seed_admin_key()
-        server = uvicorn.Server(uvicorn.Config(
-            create_app(runtime), host="127.0.0.1", port=settings.port, log_config=None,
-            access_log=False, lifespan="off", timeout_graceful_shutdown=10))
-        serving = asyncio.create_task(server._serve())
-        await _until(lambda: _started(server, serving), 10, "HTTP server start")
+        server, serving = await serve(runtime, settings)
         if (await _line(proc, 60)) != "ready":
             raise RuntimeError("the clients process did not start")
         await asyncio.sleep(1.0)  # leader elected, first scheduler ticks done
@@ -670,19 +645,8 @@ async def _end(proc) -> None:
             await proc.wait()
 
 
-async def _started(server, serving: asyncio.Task) -> bool:
-    if serving.done():
-        serving.result()
-    return server.started
 
 
-async def _until(check, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := await check():
-            return result
-        await asyncio.sleep(interval)
-    raise RuntimeError(f"{what} not reached within {timeout:g} s")
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -696,10 +660,6 @@ def _ms(seconds: float) -> float:
     return round(1000 * seconds, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
