@@ -104,13 +104,14 @@ class AgentController(Controller):
 class AgentInstallController(Controller):
     path = "/v1/agent"
     tags = ["agent"]
-    security = [{}]
 
-    @get("/manifest", summary="The agent release: version, build date, SHA-256, artifact URL")
+    # Security per route: Litestar appends a route's to its controller's, so a controller-wide
+    # "none" would document the join-token route as open too.
+    @get("/manifest", security=[{}], summary="The agent release: version, build date, SHA-256, artifact URL")
     async def manifest(self, request: Request) -> Manifest:
         return Manifest(**current_release().manifest(request.app.state.runtime.settings.agent_url))
 
-    @get("/artifact/{filename:str}", summary="The agent wheel (verify its SHA-256 against the manifest)",
+    @get("/artifact/{filename:str}", security=[{}], summary="The agent wheel (verify its SHA-256 against the manifest)",
          media_type="application/octet-stream", responses=error_responses(404, e404="Unknown artifact"))
     async def artifact(self, filename: FromPath[str]) -> Response[bytes]:
         release = current_release()
@@ -119,7 +120,7 @@ class AgentInstallController(Controller):
         return Response(release.artifact, media_type="application/octet-stream",
                         headers={"Content-Disposition": f'attachment; filename="{filename}"'})
 
-    @get("/install.sh", summary="The agent install script", media_type="text/x-shellscript")
+    @get("/install.sh", security=[{}], summary="The agent install script", media_type="text/x-shellscript")
     async def install_script(self) -> Response[bytes]:
         return Response(install_script(), media_type="text/x-shellscript")
 
