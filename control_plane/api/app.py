@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import asyncpg
+import asyncpg.exceptions._base as asyncpg_base
 import structlog
 from litestar import Litestar, MediaType, Request, Response, Router, get
 from litestar.exceptions import HTTPException, ValidationException
@@ -87,6 +88,31 @@ def _bad_request(_: Request, exc: Exception) -> Response:
     return _error(400, "Validation failed", [{"key": field, "message": str(exc)}])
 
 
+_NOT_STORABLE = "a value cannot be stored (a NUL character, or a number or date out of range)"
+_UNPROCESSABLE = {
+    UnicodeError: "a string is not valid UTF-8",
+    RecursionError: "the JSON is nested too deeply",
+    OverflowError: "a number or date is out of range",
+    asyncpg.DataError: _NOT_STORABLE,  # Postgres' own (SQLSTATE class 22)
+    asyncpg_base.DataError: _NOT_STORABLE,  # asyncpg's, before sending
+}
+
+
+def _unprocessable(request: Request, exc: Exception) -> Response:
+    """Input that passed validation but that the parser or Postgres cannot take: a 400."""
+    reason = next(m for kind, m in _UNPROCESSABLE.items() if isinstance(exc, kind))
+    log.info("Request refused", path=request.url.path, reason=reason, error=type(exc).__name__)
+    return _error(400, "Validation failed", [{"key": "request", "message": reason}])
+
+
+def _database_error(request: Request, exc: sa_exc.DBAPIError) -> Response:
+    """SQLAlchemy wraps asyncpg's errors: a data error is the request's fault, the rest ours."""
+    cause = getattr(exc.orig, "__cause__", None) or exc.orig
+    if isinstance(cause, tuple(_UNPROCESSABLE)):
+        return _unprocessable(request, cause)
+    return _internal(request, exc)
+
+
 def _unavailable(request: Request, exc: Exception) -> Response:
     log.warning("Dependency unavailable", path=request.url.path, error=type(exc).__name__)
     return _error(503, "the command stream or database is unavailable; retry shortly")
@@ -123,6 +149,8 @@ def create_app(runtime: Runtime) -> Litestar:
             asyncpg.PostgresConnectionError: _unavailable,
             asyncpg.CannotConnectNowError: _unavailable,
             asyncpg.InterfaceError: _unavailable,
+            **dict.fromkeys(_UNPROCESSABLE, _unprocessable),
+            sa_exc.DBAPIError: _database_error,
             Exception: _internal,
         },
         openapi_config=OpenAPIConfig(

@@ -21,6 +21,7 @@ from control_plane.api.instances import error_responses
 from control_plane.feed.hub import FeedFilter, FeedHub
 
 _BACKFILL_PAGE = 1000
+_MAX_ID = 2**63 - 1  # event ids are bigint
 
 
 class EventController(Controller):
@@ -33,14 +34,16 @@ class EventController(Controller):
         instance_id: Annotated[uuid.UUID | None, QueryParameter()] = None,
         type: Annotated[list[str] | None, QueryParameter(description="Event type or prefix* (repeatable)")] = None,
         last_event_id_header: Annotated[str | None, HeaderParameter(name="Last-Event-ID")] = None,
-        last_event_id: Annotated[int | None, QueryParameter(ge=0, description="Resume after this id (for clients that cannot set the header)")] = None,
+        last_event_id: Annotated[int | None, QueryParameter(ge=0, le=_MAX_ID, description="Resume after this id (for clients that cannot set the header)")] = None,
     ) -> Stream:
         resume = last_event_id
         if last_event_id_header is not None:
             try:
                 resume = int(last_event_id_header)
             except ValueError:
-                raise ValidationException("Last-Event-ID must be an event id (an integer)") from None
+                resume = -1
+            if not 0 <= resume <= _MAX_ID:
+                raise ValidationException("Last-Event-ID must be an event id (an integer)")
         types = tuple(t for raw in type or [] for t in raw.split(",") if t)
         runtime = request.app.state.runtime
         feed = _feed(runtime.hub, FeedFilter(instance_id, types), resume,

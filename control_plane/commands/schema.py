@@ -151,6 +151,8 @@ def decode(raw: bytes | str) -> Command:
         raise InvalidCommand(str(exc)) from None
     except UnicodeError as exc:
         raise InvalidCommand(f"command is not valid UTF-8 ({exc.reason} at {exc.start})") from None
+    except RecursionError:
+        raise InvalidCommand("command is nested too deeply") from None
 
 
 def encode(command: Command) -> bytes:

@@ -49,7 +49,9 @@ async def emit_many(session: AsyncSession, events: list[Event]) -> list[int]:
     ids, _ = (await session.execute(_INSERT_MANY, {
         "types": [e[0] for e in events],
         "ids": [e[2] for e in events],
-        "datas": [json.dumps(e[1], default=str, separators=(",", ":")) for e in events],
+        # Postgres JSON cannot hold NUL: one quoted from hostile input becomes U+FFFD.
+        "datas": [json.dumps(e[1], default=str, separators=(",", ":")).replace("\\u0000", "\\ufffd")
+                  for e in events],
         "channel": NOTIFY_CHANNEL,
     })).one()
     return list(ids)
