@@ -165,6 +165,12 @@ class ResilientProvider(ProviderAdapter):
                     RETRIES.labels(self.name, operation).inc()
                     await asyncio.sleep(delay)
                     continue
+                except asyncio.CancelledError:
+                    # Abandoned by its caller (its own timeout): no answer, so a failure; a
+                    # trial call must end its trial either way, or the breaker stays half-open.
+                    breaker.failed(f"{operation} abandoned by its caller")
+                    CALLS.labels(self.name, operation, "Cancelled").inc()
+                    raise
                 except Exception as exc:
                     breaker.succeeded()  # the provider answered; the request was refused
                     CALLS.labels(self.name, operation, type(exc).__name__).inc()

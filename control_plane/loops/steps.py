@@ -309,7 +309,7 @@ class Steps:
             action_id = await start_action(session, row.id, action_type, metadata)
         try:
             async with self._lease_kept(row):
-                result = await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+                result = await asyncio.wait_for(call, self._call_bound)
         except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
             return await self._failed(row, action_id, exc)
         async with self._sessions.begin() as session:
@@ -322,9 +322,15 @@ class Steps:
         """A read-only provider call (not logged as an action); failures retry later."""
         try:
             async with self._lease_kept(row):
-                return await asyncio.wait_for(call, self._s.provider_call_timeout_seconds)
+                return await asyncio.wait_for(call, self._call_bound)
         except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
             raise _Retry(await self._failed(row, None, exc)) from exc
+
+    @property
+    def _call_bound(self) -> float:
+        """Past the providers' own budget (`ResilientProvider`), whose timeout the breaker
+        counts and retries: this one only guards against an adapter that ignores it."""
+        return self._s.provider_call_timeout_seconds + 5.0
 
     @contextlib.asynccontextmanager
     async def _lease_kept(self, row: Any) -> AsyncIterator[None]:
@@ -360,7 +366,9 @@ class Steps:
         switch = (creating and row.offer_index + 1 < len(row.offers)
                   and (permanent or isinstance(exc, CircuitOpen) or give_up))
         if switch and (unsure or (row.offers[row.offer_index] or {}).get("unsure")):
-            switch = await self._nothing_created(row)
+            nothing = await self._nothing_created(row)
+            switch = bool(nothing)
+            give_up = give_up and nothing is not None  # could not tell: retry, not give up
         async with self._sessions.begin() as session:
             await self._owned(session, row)
             if action_id is not None:
@@ -403,17 +411,18 @@ class Steps:
         unsure = latest.status == "failed" and bool((offer or {}).get("unsure"))
         return unsure and latest.age < CREATE_SETTLE_CALLS * self._s.provider_call_timeout_seconds
 
-    async def _nothing_created(self, row: Any) -> bool:
+    async def _nothing_created(self, row: Any) -> bool | None:
         """Whether the provider we are leaving surely has no machine of ours: only then may
-        the next offer be tried (else we could pay for two machines)."""
+        the next offer be tried (else we could pay for two machines). None: it could not
+        be asked; the step is retried later."""
         try:
             found = await asyncio.wait_for(
                 self._providers.get(row.provider).list_by_tags({TAG_INSTANCE: str(row.id)}),
                 self._s.provider_call_timeout_seconds)
         except (TimeoutError, TemporaryProviderError, PermanentProviderError) as exc:
-            log.warning("Not failing over: cannot confirm that no machine was created",
+            log.warning("Not failing over yet: cannot confirm that no machine was created",
                         instance_id=str(row.id), provider=row.provider, error=_describe(exc))
-            return False
+            return None
         return not found  # found: the next create (idempotent) adopts it
 
     async def _fail_over(self, session: AsyncSession, row: Any, message: str) -> None:
