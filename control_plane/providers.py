@@ -50,7 +50,8 @@ class Providers:
                 cluster=settings.cluster_name, endpoint_url=settings.aws_endpoint_url,
                 subnet_id=settings.aws_subnet_id, key_name=settings.aws_key_name,
                 security_group_ids=[g.strip() for g in settings.aws_security_group_ids.split(",") if g.strip()],
-                boot_volume_gb=settings.aws_boot_volume_gb, model_cache_gb=settings.aws_model_cache_gb))
+                boot_volume_gb=settings.aws_boot_volume_gb, model_cache_gb=settings.aws_model_cache_gb,
+                call_timeout=settings.provider_call_timeout_seconds, threads=_sdk_threads(settings)))
         scw = (settings.scaleway_access_key, settings.scaleway_secret_key,
                settings.scaleway_project_id, settings.scaleway_image)
         if all(scw):
@@ -60,7 +61,8 @@ class Providers:
                 access_key=settings.scaleway_access_key, secret_key=settings.scaleway_secret_key,
                 project_id=settings.scaleway_project_id, zones=zones or [settings.scaleway_zone],
                 image=settings.scaleway_image, cluster=settings.cluster_name,
-                api_url=settings.scaleway_api_url, boot_volume_gb=settings.scaleway_boot_volume_gb))
+                api_url=settings.scaleway_api_url, boot_volume_gb=settings.scaleway_boot_volume_gb,
+                call_timeout=settings.provider_call_timeout_seconds, threads=_sdk_threads(settings)))
         elif any(scw):
             raise SettingsError("Scaleway needs SCW_ACCESS_KEY, SCW_SECRET_KEY,"
                                 " SCW_DEFAULT_PROJECT_ID and CP_SCALEWAY_IMAGE together")
@@ -173,3 +175,9 @@ class Providers:
     async def close(self) -> None:
         for adapter in self._adapters.values():
             await adapter.close()
+
+
+def _sdk_threads(settings: Settings) -> int:
+    """Threads for a blocking SDK: one per lifecycle worker, plus a few for the health,
+    reconciliation and offer calls that run beside them."""
+    return settings.worker_concurrency + 8

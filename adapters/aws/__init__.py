@@ -1,9 +1,9 @@
 """The AWS EC2 provider: GPU machines as EC2 instances in one region.
 
-What it guarantees: the contract of `adapters.base`. Every boto3 call runs in a worker thread
-(`asyncio.to_thread`) through one client with botocore's `standard` retries (3 retries, so at
-most 4 attempts, on 5xx, connection errors, timeouts and throttling) and bounded connect/read
-timeouts; every SDK exception is mapped to a typed `ProviderError` in one place
+What it guarantees: the contract of `adapters.base`. Every boto3 call runs in one of the
+adapter's own `threads` (as many as pooled connections) through one client with botocore's
+`standard` retries (3 retries, so at most 4 attempts, on 5xx, connection errors, timeouts and
+throttling) and connect/read timeouts of `call_timeout` (`CP_PROVIDER_CALL_TIMEOUT_SECONDS`); every SDK exception is mapped to a typed `ProviderError` in one place
 (`_map_error`, in `_errors`). `create` is idempotent twice over: it first looks for a live
 instance tagged `cp-instance=<instance id>` (and `cp-cluster`), then for one launched with our
 `ClientToken`; only then does it call RunInstances, with that deterministic `ClientToken`,
@@ -28,7 +28,8 @@ Things callers should know about real EC2:
 
 Where moto (5.2, the test double) differs from real EC2:
 
-- `ClientToken` is not idempotent: the same token launches a second instance. And the
+- `ClientToken` is not idempotent: the same token launches a second instance (the tests'
+  fault proxy answers a repeated token with the first launch, as EC2 does). And the
   `client-token` filter of DescribeInstances is not implemented (HTTP 500 with an HTML page
   once the region holds any instance): `create` logs a warning and goes on (the tag lookup
   has been made); the tests answer that lookup through their fault proxy instead.

@@ -8,9 +8,12 @@ and the differences between real EC2 and moto are described on the package, `ada
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import boto3
@@ -77,6 +80,7 @@ class AwsProvider(ProviderAdapter):
         prices: dict[str, float] | None = None,
         page_size: int = 1000,
         call_timeout: float = 20.0,
+        threads: int = 32,
     ) -> None:
         unknown = set(prices or {}) - set(CATALOG)
         if unknown:
@@ -96,7 +100,11 @@ class AwsProvider(ProviderAdapter):
             retries={"mode": "standard", "max_attempts": 3},  # 3 retries after the first try
             connect_timeout=call_timeout,
             read_timeout=call_timeout,
+            max_pool_connections=threads,
         )
+        # Threads of our own: botocore sleeps its retry backoffs in them, and asyncio's default
+        # pool (cores + 4 threads) would queue every other call of the process behind those.
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aws")
         # A session of our own: boto3's default session is shared (and not thread-safe);
         # credentials come from the usual chain (environment, profile, instance role).
         self._client = boto3.session.Session().client(
@@ -201,6 +209,7 @@ class AwsProvider(ProviderAdapter):
             logger.info("AWS volume %s deleted", provider_volume_id)
 
     async def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
     # Helpers, in call order.
@@ -351,8 +360,9 @@ class AwsProvider(ProviderAdapter):
 
     async def _run(self, operation: str, fn: Callable[[], _T], *,
                    missing: str | None = None) -> _T:
+        call = functools.partial(contextvars.copy_context().run, fn)
         try:
-            return await asyncio.to_thread(fn)
+            return await asyncio.get_running_loop().run_in_executor(self._threads, call)
         except ClientError as exc:
             if missing is not None and _code(exc) == missing:
                 raise _Missing from None

@@ -1,8 +1,8 @@
 """The Scaleway provider: GPU machines as Scaleway Instances, in one or more zones.
 
 What it guarantees: the contract of `adapters.base`. Ids are `"{zone}/{uuid}"` for servers and
-volumes alike (`zone_of` reads the zone back). Every SDK call runs in a worker thread through
-the sync `scaleway` SDK (its `-async` twin blocks the event loop), and every SDK exception is
+volumes alike (`zone_of` reads the zone back). Every SDK call runs in one of the adapter's own
+`threads` (as many as pooled connections) through the sync `scaleway` SDK (its `-async` twin blocks the event loop), and every SDK exception is
 mapped to a typed `ProviderError` in one place (`_errors._map_error`), by the JSON `type`
 first and the HTTP status second; the SDK exception is not chained (it holds the request: auth
 header, user data). Nothing logged or raised contains the secret key or the user data.

@@ -32,11 +32,11 @@ class _Transport:
     """One pooled `requests.Session` for both APIs, and a deadline per adapter call (per
     worker thread)."""
 
-    def __init__(self, call_timeout: float) -> None:
+    def __init__(self, call_timeout: float, connections: int) -> None:
         self.call_timeout = call_timeout
         self.session = requests.Session()
         self.session.trust_env = False  # no proxy or netrc from the environment
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=connections, max_retries=0)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
         self._local = threading.local()

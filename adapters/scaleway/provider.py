@@ -10,8 +10,11 @@ mixed in from `_volumes` and `_catalogue`.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from scaleway.instance.v1 import Server, ServerType, VolumeServerTemplate
@@ -78,6 +81,7 @@ class ScalewayProvider(_Catalogue, _Volumes, ProviderAdapter):
         boot_volume_gb: int = 100,
         boot_volume_type: str = "sbs_volume",
         call_timeout: float = 20.0,
+        threads: int = 32,
     ) -> None:
         if not zones or not all(_ZONE.fullmatch(z) for z in zones):
             raise ValueError(f"zones must be Scaleway zones such as fr-par-2, got {zones!r}")
@@ -94,7 +98,8 @@ class ScalewayProvider(_Catalogue, _Volumes, ProviderAdapter):
         client = Client(access_key=access_key, secret_key=secret_key,
                         api_url=(api_url or "https://api.scaleway.com").rstrip("/"),
                         default_project_id=project_id, default_zone=self._zones[0])
-        self._transport = _Transport(call_timeout)
+        self._transport = _Transport(call_timeout, threads)
+        self._threads = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scaleway")
         # bypass_validation: key formats are checked by Scaleway itself (and test keys differ).
         self._instance = _InstanceAPI(client, self._transport)
         self._block = _BlockAPI(client, self._transport)
@@ -150,6 +155,7 @@ class ScalewayProvider(_Catalogue, _Volumes, ProviderAdapter):
         return zone if rest and _ZONE.fullmatch(zone) else None
 
     async def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._transport.session.close()
 
     # --- plumbing -----------------------------------------------------------------------
@@ -167,7 +173,9 @@ class ScalewayProvider(_Catalogue, _Volumes, ProviderAdapter):
                 return fn(*args)
 
         try:
-            return await asyncio.wait_for(asyncio.to_thread(call), self._timeout + _GRACE)
+            running = asyncio.get_running_loop().run_in_executor(
+                self._threads, functools.partial(contextvars.copy_context().run, call))
+            return await asyncio.wait_for(running, self._timeout + _GRACE)
         except TimeoutError:
             failure: ProviderError | None = ProviderUnavailable(
                 f"Scaleway API: {action} did not finish within {self._timeout:g} s")

@@ -1,5 +1,5 @@
 """What the cloud-provider end-to-end tests share: a control plane as a real `up` process
-(to SIGKILL it), the crash-between-create-and-record scenario, and instance-state waits."""
+(forked from a preloaded server, to SIGKILL it), the crash-between-create-and-record scenario, and instance-state waits."""
 
 from __future__ import annotations
 
@@ -14,17 +14,15 @@ import httpx
 
 from control_plane.db.engine import asyncpg_dsn
 from tests.conftest import eventually, free_port
-from tests.e2e.test_up_command import EXE
 from tests.support.fault_proxy import Rule
+from tests.support.prestarted import Prestarted
 
 
-async def start_up(env: dict[str, str], log: Path) -> tuple[asyncio.subprocess.Process, int]:
+async def start_up(env: dict[str, str], log: Path) -> tuple[Prestarted, int]:
     """`control-plane up` on a free port, once it listens."""
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        EXE, "up", "--port", str(port), env=env | {"CP_PORT": str(port)},
-        stdout=asyncio.subprocess.DEVNULL, stderr=log.open("ab"))
-    await eventually(lambda: holds("listening on" in log.read_text() or proc.returncode is not None),
+    proc = Prestarted(["up", "--port", str(port)], env | {"CP_PORT": str(port)}, log)
+    await eventually(lambda: holds(listening(log) or proc.returncode is not None),
                      timeout=40, message="control plane start")
     assert proc.returncode is None, log.read_text()[-3000:]
     return proc, port
@@ -73,6 +71,11 @@ def admin_client(port: int, admin_key: str) -> httpx.AsyncClient:
 
 async def holds(value: bool) -> bool:
     return value
+
+
+def listening(log: Path) -> bool:
+    """Whether the `up` process writing `log` says it listens (it creates the log itself)."""
+    return log.exists() and "listening on" in log.read_text()
 
 
 async def status_of(client, instance_id: str) -> dict | None:

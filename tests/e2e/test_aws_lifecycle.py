@@ -34,7 +34,10 @@ def aws_settings(settings, ec2_proxy, ami, **extra):
 
 
 def running_with_user_data(ec2, cluster: str):
-    """{instance id: user data} of our running machines in moto (what CloudBoot boots)."""
+    """{instance id: user data} of our running machines in moto (what CloudBoot boots). A
+    machine's user data never changes: it is asked for once."""
+    user_data: dict[str, str] = {}
+
     def list_running() -> dict[str, str]:
         found = {}
         pages = ec2.get_paginator("describe_instances").paginate(Filters=[
@@ -43,10 +46,12 @@ def running_with_user_data(ec2, cluster: str):
         for page in pages:
             for reservation in page["Reservations"]:
                 for instance in reservation["Instances"]:
-                    attribute = ec2.describe_instance_attribute(
-                        InstanceId=instance["InstanceId"], Attribute="userData")
-                    data = attribute.get("UserData", {}).get("Value")
-                    found[instance["InstanceId"]] = base64.b64decode(data).decode() if data else ""
+                    machine = instance["InstanceId"]
+                    if machine not in user_data:
+                        attribute = ec2.describe_instance_attribute(InstanceId=machine, Attribute="userData")
+                        data = attribute.get("UserData", {}).get("Value")
+                        user_data[machine] = base64.b64decode(data).decode() if data else ""
+                    found[machine] = user_data[machine]
         return found
     return list_running
 

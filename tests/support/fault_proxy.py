@@ -8,6 +8,10 @@ client's read timeout fires). A rule acts `times` times or forever, or on a seed
 `fraction` of its matches. Unmatched requests are forwarded. Every request is recorded, so tests
 assert on counts (`count(...)`, `Rule.hits`).
 
+`idempotency_key` makes the proxy stand in for an API's idempotency tokens where the stand-in
+server ignores them: a request whose key was seen before is not forwarded again; it gets the
+first one's answer (waiting for it), as the real API would answer.
+
 Stdlib only. Request bodies are read by `Content-Length` (no chunked uploads); responses are
 buffered whole and sent with `Connection: close`.
 """
@@ -18,6 +22,7 @@ import http.client
 import random
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -85,9 +90,11 @@ class Rule:
 class FaultProxy:
     """A reverse proxy to `upstream` on 127.0.0.1 (`url`), with fault rules."""
 
-    def __init__(self, upstream: str) -> None:
+    def __init__(self, upstream: str, idempotency_key: Callable[[Seen], str | None] | None = None) -> None:
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self._idempotency_key = idempotency_key
+        self._answers: dict[str, _Answer] = {}
         self._lock = threading.Lock()
         self._rules: list[Rule] = []
         self._released = threading.Event()
@@ -145,6 +152,17 @@ class FaultProxy:
         with self._lock:
             return sum(1 for seen in self.requests if probe.matches(seen))
 
+    def _first_answer(self, seen: Seen) -> tuple[_Answer | None, bool]:
+        """The answer shared by requests with `seen`'s idempotency key (None: no key), and
+        whether `seen` is the first of them (the one that goes upstream)."""
+        key = self._idempotency_key(seen) if self._idempotency_key else None
+        if key is None:
+            return None, False
+        with self._lock:
+            first = key not in self._answers
+            answer = self._answers.setdefault(key, _Answer())
+        return answer, first
+
     def _decide(self, seen: Seen) -> Rule | None:
         with self._lock:
             self.requests.append(seen)
@@ -153,6 +171,16 @@ class FaultProxy:
                     rule.hits += 1
                     return rule
         return None
+
+
+@dataclass
+class _Answer:
+    """The upstream's answer to the first request with an idempotency key."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -164,13 +192,27 @@ class _Handler(BaseHTTPRequestHandler):
         raw_body = self.rfile.read(length) if length else b""
         path, _, query = self.path.partition("?")
         seen = Seen(self.command, path, query, raw_body.decode("utf-8", "replace"))
+        shared, first = proxy._first_answer(seen)
+        if shared is not None and not first:
+            with proxy._lock:
+                proxy.requests.append(seen)
+            if shared.done.wait(60) and shared.status:
+                self._reply(shared.status, shared.headers, shared.body)
+                return
+        try:
+            self._act(proxy, seen, raw_body, shared if first else None)
+        finally:
+            if first:
+                shared.done.set()  # unanswered upstream: the next one with the key is forwarded
+
+    def _act(self, proxy: FaultProxy, seen: Seen, raw_body: bytes, shared: _Answer | None) -> None:
         rule = proxy._decide(seen)
         if rule is not None and rule.delay_seconds:
             proxy._released.wait(rule.delay_seconds)
-            self._forward(proxy, raw_body)
+            self._forward(proxy, raw_body, shared)
             return
         if rule is not None and rule.forward_then_hang:
-            self._forward(proxy, raw_body, answer=False)
+            self._forward(proxy, raw_body, shared, answer=False)
             proxy._released.wait()
             self.close_connection = True
             return
@@ -185,37 +227,44 @@ class _Handler(BaseHTTPRequestHandler):
             body = rule.body.encode() if isinstance(rule.body, str) else rule.body
             self._reply(rule.status, list(rule.headers.items()), body)
             return
-        self._forward(proxy, raw_body)
+        self._forward(proxy, raw_body, shared)
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _handle
 
-    def _forward(self, proxy: FaultProxy, body: bytes, answer: bool = True) -> None:
+    def _forward(self, proxy: FaultProxy, body: bytes, shared: _Answer | None,
+                 answer: bool = True) -> None:
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
         conn = http.client.HTTPConnection(*proxy._upstream, timeout=60)
         try:
             conn.request(self.command, self.path, body=body or None, headers=headers)
             response = conn.getresponse()
-            data = response.read()
-            if not answer:
-                return
+            status, data = response.status, response.read()
             kept = [(k, v) for k, v in response.getheaders()
                     if k.lower() not in _HOP_BY_HOP | _OWN]
-            self._reply(response.status, kept, data)
         except OSError as exc:
-            self._reply(502, [("Content-Type", "text/plain")], f"upstream: {exc}".encode())
+            status, kept, data = 502, [("Content-Type", "text/plain")], f"upstream: {exc}".encode()
         finally:
             conn.close()
+        if shared is not None:
+            if status < 500:
+                shared.status, shared.headers, shared.body = status, kept, data
+            shared.done.set()
+        if answer:
+            self._reply(status, kept, data)
 
     def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
         self.close_connection = True
+        try:
+            self.send_response(status)
+            for key, value in headers:
+                self.send_header(key, value)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client is gone (a killed control plane): nobody to answer
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # tests assert on `requests`, not on stderr

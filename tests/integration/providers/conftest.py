@@ -7,6 +7,7 @@ inject EC2 errors. AWS credentials are dummies, set in the environment for the t
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import boto3
 import pytest
 
 from adapters.aws import AwsProvider
-from tests.support.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy, Seen
 from tests.support.moto_server import MotoServer
 
 REGION = "us-east-1"
@@ -63,13 +64,16 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def ec2_proxy(moto_server: MotoServer) -> Iterator[FaultProxy]:
     """A fault proxy in front of a freshly emptied moto.
 
-    It stands in for the one DescribeInstances filter moto lacks (`client-token`: moto answers
+    It stands in for what moto lacks of RunInstances' `ClientToken`: moto launches a second
+    instance for a token it has seen, EC2 answers with the first launch (so a retry by
+    botocore, after its read timeout, launches nothing more); the proxy does as EC2 does.
+    And it stands in for the one DescribeInstances filter moto lacks (`client-token`: moto answers
     HTTP 500 once the region holds an instance) by answering "no instance". That is what EC2 would say here: every instance
     these tests launch carries its `cp-instance` tag, so the tag lookup, made first, has
     already found it.
     """
     moto_server.reset()
-    with FaultProxy(moto_server.url) as proxy:
+    with FaultProxy(moto_server.url, idempotency_key=run_instances_client_token) as proxy:
         proxy.add_rule(contains="Name=client-token", status=200, body=EMPTY_DESCRIBE_INSTANCES,
                        headers={"Content-Type": "text/xml"})
         yield proxy
@@ -107,3 +111,11 @@ async def make_aws(aws_env: None, ec2_proxy: FaultProxy,
 @pytest.fixture
 def aws(make_aws: Callable[..., AwsProvider]) -> AwsProvider:
     return make_aws()
+
+
+def run_instances_client_token(seen: Seen) -> str | None:
+    """RunInstances' idempotency token, when `seen` is a RunInstances request."""
+    if "Action=RunInstances" not in seen.body:
+        return None
+    found = re.search(r"(?:^|&)ClientToken=([^&]+)", seen.body)
+    return found.group(1) if found else None
