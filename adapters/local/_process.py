@@ -98,6 +98,24 @@ def signal_group(pid: int, started: int | None, sig: signal.Signals) -> bool:
     return True
 
 
+def kill_processes_in(directory: Path) -> list[int]:
+    """SIGKILL every process (and its group) whose working directory is `directory`: the
+    agents launched there that nothing tracks. Returns their pids."""
+    target = str(directory.resolve())
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if os.readlink(f"/proc/{entry.name}/cwd") == target:
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone, or not ours to inspect
+    for pid in found:
+        _signal(pid, signal.SIGKILL)
+        _reap(pid)
+    return found
+
+
 def start_time(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot, or None when there is no such process."""
     stat = _read_stat(pid)

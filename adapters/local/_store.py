@@ -59,6 +59,9 @@ class MachineRecord:
     engine_port: int | None = None
     terminate_requested_at: str | None = None
     terminated_at: str | None = None
+    launching_at: str | None = None
+    """Set from just before an agent is spawned until its pid is saved: found set by the next
+    caller (under the root's lock), the launcher died in between and its agent is untracked."""
 
 
 @dataclass(slots=True)

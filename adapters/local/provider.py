@@ -29,7 +29,9 @@ Where it differs from the real clouds:
   `ProviderUnavailable`; a program that cannot be launched as `PermanentProviderError`.
 - Linux only: liveness reads `/proc/<pid>/stat` (pid plus start time, against pid reuse).
 - An agent launched in the instant between its spawn and the write of its pid (a control
-  plane killed right then) is not tracked; the next `start` launches another one.
+  plane killed right then) is not tracked by pid; the record says a launch was under way, so
+  the next call on the machine kills every process whose working directory is the machine's
+  (`/proc/<pid>/cwd`) before going on.
 """
 
 from __future__ import annotations
@@ -263,6 +265,8 @@ class LocalProvider(ProviderAdapter):
         cache = self._store.load_volume(_cache_volume_id(record.model)) if self._model_cache else None
         if cache is not None and machine_id in cache.attached_to:
             env["WORKER_AGENT_DOWNLOAD_DIR"] = str(self._store.volume_dir(cache.id) / "data")
+        record.launching_at = _now()
+        self._store.save_machine(record)
         pid, started = _process.spawn(
             [self._python, "-m", "worker_agent"],
             cwd=directory,
@@ -271,7 +275,7 @@ class LocalProvider(ProviderAdapter):
         )
         record.pid, record.pid_start_time, record.started_at = pid, started, _now()
         record.agent_port, record.engine_port = agent_port, engine_port
-        record.state = "running"
+        record.state, record.launching_at = "running", None
         self._store.save_machine(record)
         logger.info("Local machine %s started (pid %d, agent port %d)", machine_id, pid, agent_port)
 
@@ -301,6 +305,12 @@ class LocalProvider(ProviderAdapter):
     def _refresh(self, record: MachineRecord) -> MachineRecord:
         """Bring `record` in line with its process (saving any change): escalate to SIGKILL
         when due, mark it terminated (volumes detached) or stopped when its agent is gone."""
+        if record.launching_at is not None:  # its launcher died between spawn and save
+            strays = _process.kill_processes_in(self._store.machine_dir(record.id))
+            logger.warning("Local machine %s: launch interrupted; untracked agent processes"
+                           " killed: %s", record.id, strays or "none")
+            record.launching_at = None
+            self._store.save_machine(record)
         if record.state == "terminated":
             return record
         before = (record.state, record.pid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -178,8 +179,17 @@ def local_machines(data_dir: Path) -> list[dict]:
             if (d / "machine.json").exists()]
 
 
-def process_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().split()[2] != "Z"
+def processes_under(directory: Path) -> list[int]:
+    """Live processes whose working directory is `directory` or below: the agents of the
+    `local` provider's machines, tracked or not."""
+    base = str(directory.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(entry / "cwd") if entry.name.isdigit() else ""
+            alive = cwd and (entry / "stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            continue
+        if alive and (cwd == base or cwd.startswith(base + "/")):
+            found.append(int(entry.name))
+    return found

@@ -52,7 +52,7 @@ from tests.e2e.fleet_checks import (
     check_volumes,
     create,
     local_machines,
-    process_alive,
+    processes_under,
     terminate,
 )
 from tests.e2e.test_aws_lifecycle import running_with_user_data
@@ -230,7 +230,7 @@ def check_local_machines(data_dir: Path, instance_ids: list[str], volumes) -> No
     owners = Counter(m["tags"]["cp-instance"] for m in machines)
     assert owners == Counter(instance_ids), "exactly one machine per instance"
     assert all(m["state"] == "terminated" for m in machines)
-    assert not [m for m in machines if process_alive(m.get("pid"))], "an agent still runs"
+    assert not processes_under(data_dir / "local-provider" / "machines"), "an agent still runs"
     left = [p.name for p in (data_dir / "local-provider" / "volumes").iterdir()]
     assert not [name for name in left if "boot" in name], "a boot volume leaked"
     assert Counter((v["is_boot"], v["status"]) for v in volumes) == {

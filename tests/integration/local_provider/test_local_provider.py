@@ -576,6 +576,54 @@ asyncio.run(main())
     assert not running(agent["pid"])
 
 
+@pytest.mark.parametrize("then", ["start", "terminate"])
+async def test_an_agent_launched_by_a_process_killed_before_it_saved_the_pid_is_not_left_running(
+    root: Path, stub_python: Path, make_provider: Callable[..., LocalProvider], then: str
+) -> None:
+    """The control plane is SIGKILLed right after the spawn, before the pid reaches
+    machine.json: the next call kills the untracked agent, so at most one ever runs."""
+    script = f"""
+import asyncio, os, signal
+from adapters.base import MachineSpec, TAG_CLUSTER, TAG_INSTANCE
+from adapters.local import LocalProvider, _process
+
+spawn = _process.spawn
+def spawn_then_die(*args, **kwargs):
+    spawn(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+_process.spawn = spawn_then_die
+
+async def main():
+    provider = LocalProvider({str(root)!r}, cluster="test-cluster", python={str(stub_python)!r})
+    tags = {{TAG_CLUSTER: "test-cluster", TAG_INSTANCE: "inst-1"}}
+    machine = await provider.create(MachineSpec("inst-1", "local-gpu", None, "m", tags))
+    print(machine.provider_instance_id, flush=True)
+    await provider.start(machine.provider_instance_id)
+
+asyncio.run(main())
+"""
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    machine_id = done.stdout.strip()
+    machine_dir = root / "machines" / machine_id
+    untracked = await wait_for_agent(machine_dir)
+    assert machine_json(root, machine_id)["pid"] is None
+    provider = make_provider()
+
+    if then == "start":
+        await provider.start(machine_id)
+        await wait_until(lambda: len(stub_records(machine_dir)) == 2)
+        assert not running(untracked["pid"])
+        assert [pid for pid in processes_under(machine_dir)] == [machine_json(root, machine_id)["pid"]]
+    else:
+        await provider.terminate(machine_id)
+        await wait_until(lambda: _is(provider, machine_id, "terminated"))
+        assert not running(untracked["pid"])
+        assert processes_under(machine_dir) == []
+
+
 async def test_terminate_escalates_to_sigkill_after_the_grace_period(
     make_provider: Callable[..., LocalProvider], root: Path
 ) -> None:
