@@ -72,9 +72,13 @@ async def _instances(url: str, secret: str, count: int) -> list[str]:
     ids = [uuid.uuid4() for _ in range(count)]
     conn = await asyncpg.connect(url.replace("postgresql+asyncpg", "postgresql"))
     try:
+        # A fleet in its steady state: ready, healthy, verified, heard from a moment ago (so
+        # the health job has nothing to write while heartbeats are measured).
         await conn.executemany(
             "INSERT INTO instances (id, provider, instance_type, model, status, agent_token_hash,"
-            " next_check_at) VALUES ($1, 'local', 'local-gpu', 'm', 'ready', $2, now() + interval '1 day')",
+            " next_check_at, health, agent_integrity, last_heartbeat_at, last_metrics)"
+            " VALUES ($1, 'local', 'local-gpu', 'm', 'ready', $2, now() + interval '1 day',"
+            " 'healthy', 'verified', now(), '{\"engine\": {\"state\": \"running\"}}')",
             [(i, digest(agent_token(secret.encode(), i))) for i in ids])
     finally:
         await conn.close()

@@ -6,6 +6,7 @@ revocation takes effect at once whatever any cache says.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import uuid
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -24,6 +26,7 @@ from control_plane.api.schemas import (
     CommandAckBody,
     HeartbeatBody,
 )
+from control_plane.batching import Coalescer
 from control_plane.feed.events import emit
 from control_plane.lifecycle.actions import complete_step, record_occurrence
 from control_plane.lifecycle.progress import AGENT_PHASES
@@ -77,33 +80,100 @@ async def record_progress(
     return AgentReportAnswer(accepted=accepted, status=status)
 
 
-_HEARTBEAT = (
-    "WITH updated AS ("
-    " UPDATE instances SET last_heartbeat_at = now(), agent_version = $2, agent_build_date = $3,"
-    " agent_checksum = $4, last_metrics = $5::jsonb"
-    " WHERE id = $1 AND status = ANY($6::text[]) AND credential_revoked_at IS NULL"
-    " RETURNING status, agent_integrity, agent_integrity_detail),"
-    " series AS (INSERT INTO instance_metrics (instance_id, gpus, vllm, engine)"
-    " SELECT $1, CASE jsonb_typeof(m->'gpus') WHEN 'array' THEN m->'gpus' ELSE '[]' END,"
-    " CASE jsonb_typeof(m->'vllm') WHEN 'object' THEN m->'vllm' ELSE '{}' END, m->'engine'"
-    " FROM updated, (SELECT $5::jsonb AS m) AS latest)"
-    " SELECT * FROM updated"
+_HEARTBEATS = """
+WITH beats AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+        AS b(id, version, build_date, checksum, metrics)
+), updated AS (
+    UPDATE instances i SET last_heartbeat_at = now(), agent_version = b.version,
+        agent_build_date = b.build_date, agent_checksum = b.checksum, last_metrics = b.metrics::jsonb
+    FROM beats b
+    WHERE i.id = b.id AND i.status = ANY($6::text[]) AND i.credential_revoked_at IS NULL
+    RETURNING i.id, i.status, i.agent_integrity, i.agent_integrity_detail, b.metrics::jsonb AS m
+), series AS (
+    INSERT INTO instance_metrics (instance_id, gpus, vllm, engine)
+    SELECT id, CASE jsonb_typeof(m->'gpus') WHEN 'array' THEN m->'gpus' ELSE '[]' END,
+        CASE jsonb_typeof(m->'vllm') WHEN 'object' THEN m->'vllm' ELSE '{}' END, m->'engine'
+    FROM updated
 )
+SELECT id, status, agent_integrity, agent_integrity_detail FROM updated
+"""
 
 
-async def record_heartbeat(pool: asyncpg.Pool, sessions: async_sessionmaker[AsyncSession],
+@dataclass(frozen=True, slots=True)
+class Beat:
+    instance_id: uuid.UUID
+    version: str
+    build_date: str
+    checksum: str
+    metrics: str
+    """The latest metrics with the engine's state, as JSON (the time-series row is cut from it)."""
+
+
+class HeartbeatWriter:
+    """Heartbeats stored together: one statement (update the instances, append their metrics)
+    for every heartbeat that arrived while the previous one ran (`batching.Coalescer`)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._batches: Coalescer[Beat, asyncpg.Record | None] = Coalescer(self._write)
+
+    async def write(self, beat: Beat) -> asyncpg.Record | None:
+        """The instance's status and integrity verdict; None when it is no longer live."""
+        return await self._batches.submit(beat)
+
+    async def _write(self, beats: list[Beat]) -> list[asyncpg.Record | None]:
+        # An instance twice in one batch (a retried heartbeat) waits for the next statement:
+        # an UPDATE applies one row per target.
+        rounds: list[list[int]] = []
+        seen: dict[uuid.UUID, int] = {}
+        for n, beat in enumerate(beats):
+            r = seen[beat.instance_id] = seen.get(beat.instance_id, -1) + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(n)
+        results: list[asyncpg.Record | None] = [None] * len(beats)
+        for indexes in rounds:
+            rows = await self._statement([beats[n] for n in indexes])
+            for n in indexes:
+                results[n] = rows.get(beats[n].instance_id)
+        return results
+
+    async def _statement(self, beats: list[Beat]) -> dict[uuid.UUID, asyncpg.Record]:
+        for attempt in range(3):
+            try:
+                rows = await self._pool.fetch(
+                    _HEARTBEATS, [b.instance_id for b in beats], [b.version for b in beats],
+                    [b.build_date for b in beats], [b.checksum for b in beats],
+                    [b.metrics for b in beats], list(LIVE_STATUSES))
+                return {row["id"]: row for row in rows}
+            except asyncpg.DeadlockDetectedError:  # against a transaction locking several instances
+                if attempt == 2:
+                    raise
+            except asyncpg.DataError:
+                if len(beats) == 1:
+                    raise
+                # One bad heartbeat must not fail the others: each alone, the bad one fails.
+                found: dict[uuid.UUID, asyncpg.Record] = {}
+                for beat in beats:
+                    with contextlib.suppress(asyncpg.DataError):
+                        found |= await self._statement([beat])
+                return found
+        raise AssertionError("unreachable")
+
+
+async def record_heartbeat(heartbeats: HeartbeatWriter, sessions: async_sessionmaker[AsyncSession],
                            agent: AgentIdentity, body: HeartbeatBody,
                            release: Release) -> AgentReportAnswer:
     """Store the heartbeat (latest on the instance, and in the metrics time series) and check
     the agent against the served release.
 
-    The hot path of the fleet: one statement on a plain asyncpg connection. Only a change of
-    the integrity verdict costs a second transaction (an action and a feed event, once).
-    Raises `AgentConflict` when the instance is no longer live."""
+    The hot path of the fleet: a share of one statement on a plain asyncpg connection. Only a
+    change of the integrity verdict costs a transaction of its own (an action and a feed
+    event, once). Raises `AgentConflict` when the instance is no longer live."""
     info = body.agent_info
-    row = await pool.fetchrow(  # the series row is cut from the same JSON, encoded once
-        _HEARTBEAT, agent.instance_id, info.version, info.build_date, info.checksum,
-        _json({**body.metrics, "engine": body.engine}), list(LIVE_STATUSES))
+    row = await heartbeats.write(Beat(agent.instance_id, info.version, info.build_date, info.checksum,
+                                      _json({**body.metrics, "engine": body.engine})))
     if row is None:
         raise AgentConflict("instance is no longer live or its credential was revoked;"
                             " stop sending heartbeats")
@@ -112,6 +182,25 @@ async def record_heartbeat(pool: asyncpg.Pool, sessions: async_sessionmaker[Asyn
         await _record_integrity(sessions, agent.instance_id, verdict, detail, info.version,
                                 info.checksum)
     return AgentReportAnswer(accepted=True, status=row["status"], integrity=verdict)
+
+
+class NonceBook:
+    """Agent request nonces, each accepted once (Redis `SET NX` with an expiry), checked in
+    pipelines: one round trip for every nonce that arrived while the previous one ran."""
+
+    def __init__(self, redis: Redis, ttl_seconds: int) -> None:
+        self._redis = redis
+        self._ttl = ttl_seconds
+        self._batches: Coalescer[str, bool] = Coalescer(self._check)
+
+    async def first_use(self, instance_id: uuid.UUID, nonce: str) -> bool:
+        return await self._batches.submit(f"cp:agent-nonce:{instance_id}:{nonce}")
+
+    async def _check(self, keys: list[str]) -> list[bool]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(key, 1, nx=True, ex=self._ttl)
+            return [bool(fresh) for fresh in await pipe.execute()]
 
 
 def integrity_verdict(version: str, checksum: str, release: Release) -> tuple[str, str]:
@@ -243,4 +332,5 @@ async def ack_command(sessions: async_sessionmaker[AsyncSession], agent: AgentId
 
 
 def _json(value: Any) -> str:
-    return json.dumps(value, default=str)
+    # Postgres' jsonb refuses the NUL character: one agent's must not fail a whole batch.
+    return json.dumps(value, default=str).replace("\\u0000", "\\ufffd")

@@ -18,7 +18,7 @@ import structlog
 from redis.asyncio import Redis
 from sqlalchemy import text
 
-from control_plane.agents import AgentIdentity
+from control_plane.agents import AgentIdentity, HeartbeatWriter, NonceBook
 from control_plane.api_keys import store_key
 from control_plane.commands.consumer import CommandConsumer
 from control_plane.db.engine import asyncpg_dsn, make_engine, make_sessionmaker, upgrade
@@ -56,14 +56,19 @@ class Runtime:
         self.worker: LifecycleWorker | None = None
         self.pool: asyncpg.Pool | None = None
         """Plain asyncpg connections for hot paths (heartbeats), beside SQLAlchemy's."""
+        self.heartbeats: HeartbeatWriter | None = None
+        self.nonces = NonceBook(self.redis, max(1, int(2 * settings.agent_signature_max_skew_seconds)))
 
     async def start(self, *, migrate: bool = True) -> None:
         if migrate:
             await asyncio.to_thread(upgrade, self.database_url)
         # Heartbeats are telemetry superseded every few seconds: a Postgres crash may lose the
         # last fraction of a second of them, which no fsync per heartbeat is worth.
-        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10,
+        # Its statements leave no session state behind, so a connection goes back to the pool
+        # without asyncpg's reset (a round trip per use).
+        self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=10, reset=_nothing,
                                               server_settings={"synchronous_commit": "off"})
+        self.heartbeats = HeartbeatWriter(self.pool)
         await self.hub.start()
         self.agent_token_secret = self._agent_token_secret()
         self.worker = LifecycleWorker(self.sessions, self.dsn, self.providers, self.settings,
@@ -143,3 +148,7 @@ class Runtime:
 
     def _spawn(self, coro, name: str) -> None:
         self._tasks.append(asyncio.create_task(coro, name=name))
+
+
+async def _nothing(_connection: asyncpg.Connection) -> None:
+    return None

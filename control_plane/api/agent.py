@@ -69,7 +69,7 @@ class AgentController(Controller):
     async def heartbeat(self, request: Request, data: JSONBody[HeartbeatBody]) -> AgentReportAnswer:
         runtime = request.app.state.runtime
         try:
-            answer = await agents.record_heartbeat(runtime.pool, runtime.sessions, request.state.agent,
+            answer = await agents.record_heartbeat(runtime.heartbeats, runtime.sessions, request.state.agent,
                                                    data, current_release())
         except agents.AgentConflict:
             metrics.heartbeat_rejected("revoked")  # no longer live, or revoked since the guard

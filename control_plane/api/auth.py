@@ -85,9 +85,7 @@ async def require_agent_signature(connection: ASGIConnection, _: BaseRouteHandle
     method = connection.scope.get("method", "GET")
     if not signing.valid(identity.token, method, path, timestamp, nonce, body, given):
         raise AgentRefused("bad_signature", "bad agent request signature")
-    fresh = await runtime.redis.set(f"cp:agent-nonce:{instance_id}:{nonce}", 1, nx=True,
-                                    ex=max(1, int(2 * skew)))
-    if not fresh:
+    if not await runtime.nonces.first_use(instance_id, nonce):
         raise AgentRefused("replay", "replayed agent request: this nonce was already used")
     connection.state.agent = identity
 
