@@ -6,7 +6,6 @@ revocation takes effect at once whatever any cache says.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shlex
 import uuid
@@ -122,7 +121,7 @@ class HeartbeatWriter:
         """The instance's status and integrity verdict; None when it is no longer live."""
         return await self._batches.submit(beat)
 
-    async def _write(self, beats: list[Beat]) -> list[asyncpg.Record | None]:
+    async def _write(self, beats: list[Beat]) -> list[asyncpg.Record | None | Exception]:
         # An instance twice in one batch (a retried heartbeat) waits for the next statement:
         # an UPDATE applies one row per target.
         rounds: list[list[int]] = []
@@ -132,9 +131,20 @@ class HeartbeatWriter:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(n)
-        results: list[asyncpg.Record | None] = [None] * len(beats)
+        results: list[asyncpg.Record | None | Exception] = [None] * len(beats)
         for indexes in rounds:
-            rows = await self._statement([beats[n] for n in indexes])
+            try:
+                rows = await self._statement([beats[n] for n in indexes])
+            except asyncpg.DataError:
+                if len(indexes) == 1:
+                    raise
+                # One heartbeat Postgres refuses must not fail the others: each alone.
+                for n in indexes:
+                    try:
+                        results[n] = (await self._statement([beats[n]])).get(beats[n].instance_id)
+                    except asyncpg.DataError as exc:
+                        results[n] = exc
+                continue
             for n in indexes:
                 results[n] = rows.get(beats[n].instance_id)
         return results
@@ -150,15 +160,6 @@ class HeartbeatWriter:
             except asyncpg.DeadlockDetectedError:  # against a transaction locking several instances
                 if attempt == 2:
                     raise
-            except asyncpg.DataError:
-                if len(beats) == 1:
-                    raise
-                # One bad heartbeat must not fail the others: each alone, the bad one fails.
-                found: dict[uuid.UUID, asyncpg.Record] = {}
-                for beat in beats:
-                    with contextlib.suppress(asyncpg.DataError):
-                        found |= await self._statement([beat])
-                return found
         raise AssertionError("unreachable")
 
 

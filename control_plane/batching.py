@@ -18,10 +18,10 @@ R = TypeVar("R")
 
 
 class Coalescer(Generic[T, R]):
-    """Runs `flush(items) -> results` (one result per item, in order) over every item submitted
-    while the previous flush ran, at most `max_batch` at a time. A failed flush fails each of
-    its callers with the same exception; a caller that gives up (cancelled) leaves the others
-    be."""
+    """Runs `flush(items) -> results` (one result per item, in order; an exception as a result
+    is raised to that item's caller) over every item submitted while the previous flush ran, at
+    most `max_batch` at a time. A failed flush fails each of its callers with the same
+    exception; a caller that gives up (cancelled) leaves the others be."""
 
     def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int = 500) -> None:
         self._flush = flush
@@ -49,7 +49,11 @@ class Coalescer(Generic[T, R]):
                             future.set_exception(exc)
                 else:
                     for (_, future), result in zip(batch, results, strict=True):
-                        if not future.done():
+                        if future.done():
+                            continue
+                        if isinstance(result, Exception):
+                            future.set_exception(result)
+                        else:
                             future.set_result(result)
         finally:
             self._draining = None

@@ -1,7 +1,7 @@
 """Crash anywhere: the control plane is SIGKILLed at random points, 20 times, while 50
-lifecycles (create → ready → terminate) run at once, on the `local` provider and on AWS
-(moto, through the fault proxy, with `CloudBoot` playing each machine's first boot). After
-the last restart everything converges:
+lifecycles (create → ready → terminate) run at once, on the `local` provider (real agents
+and simulated engines) and on AWS (moto, through the fault proxy, the agents' reports played
+by the test: `ScriptedAgents`). After the last restart everything converges:
 
 - every command was applied exactly once (none lost, none applied twice, none dead-lettered);
 - every instance went the normal way, once: provisioning → booting → ready → terminating →
@@ -33,10 +33,14 @@ from collections import Counter
 from pathlib import Path
 
 import asyncpg
+import httpx
 import pytest
 
 from adapters.local import LocalProvider
+from control_plane.agent_release import current_release
 from control_plane.db.engine import asyncpg_dsn
+from control_plane.lifecycle.progress import AGENT_PHASES
+from control_plane.security import agent_token
 from tests.conftest import eventually, free_port, stop_local_machines
 from tests.e2e.cloud_helpers import holds, listening
 from tests.e2e.fleet_checks import (
@@ -55,11 +59,10 @@ from tests.e2e.fleet_checks import (
     processes_under,
     terminate,
 )
-from tests.e2e.test_aws_lifecycle import running_with_user_data
 from tests.e2e.test_up_command import env_for
 from tests.integration.providers.conftest import REGION
-from tests.support.cloud_boot import CloudBoot
 from tests.support.prestarted import Prestarted
+from worker_agent.reporting import RequestSigner
 
 LIFECYCLES = 50
 ROUNDS = 20
@@ -94,11 +97,11 @@ async def test_sigkill_at_random_points_during_fifty_lifecycles_converges_withou
         env |= {"CP_AWS_REGION": REGION, "CP_AWS_IMAGE_ID": request.getfixturevalue("ami"),
                 "CP_AWS_ENDPOINT_URL": ec2_proxy.url, "CP_AWS_MODEL_CACHE_GB": "50",
                 "CP_LOCAL_PROVIDER": "off"}
-        boot = CloudBoot(running_with_user_data(ec2, settings.cluster_name), tmp_path / "machines",
-                         interval=0.5)
+        boot = ScriptedAgents(settings.database_url, f"http://127.0.0.1:{port}",
+                              SETTINGS["CP_AGENT_TOKEN_SECRET"].encode())
     else:
         env |= {"CP_LOCAL_BOOT_SECONDS": "1"}
-        boot = contextlib.nullcontext()  # the local provider boots its machines itself
+        boot = contextlib.nullcontext()  # the local provider runs the real agent
     stream = Stream(redis, settings.command_stream, settings.consumer_group)
     instance_ids = [str(uuid.uuid4()) for _ in range(LIFECYCLES)]
     spec = AWS_SPEC if provider == "aws" else LOCAL_SPEC
@@ -107,7 +110,7 @@ async def test_sigkill_at_random_points_during_fifty_lifecycles_converges_withou
     code = None
     terminates = asyncio.create_task(terminate_when_ready(settings.database_url, stream, instance_ids))
     try:
-        boot.__enter__()
+        await boot.__aenter__()
         await stream.send([create(i, spec) for i in instance_ids])
         kills_in_flight = 0
         for n in range(ROUNDS):
@@ -150,7 +153,7 @@ async def test_sigkill_at_random_points_during_fifty_lifecycles_converges_withou
         if cp is not None and cp.returncode is None:
             cp.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(cp.wait(), 30)
-        boot.__exit__(None, None, None)
+        await boot.__aexit__(None, None, None)
         if provider == "local":
             await stop_local_machines(LocalProvider(settings.data_dir / "local-provider",
                                                     cluster=settings.cluster_name),
@@ -235,3 +238,50 @@ def check_local_machines(data_dir: Path, instance_ids: list[str], volumes) -> No
     assert not [name for name in left if "boot" in name], "a boot volume leaked"
     assert Counter((v["is_boot"], v["status"]) for v in volumes) == {
         (True, "deleted"): LIFECYCLES, (False, "kept"): LIFECYCLES}
+
+
+class ScriptedAgents:
+    """The agents of the AWS machines, played at our own HTTP interface (moto's machines boot
+    nothing; 50 real agents and engines are what the `local` run is for): each instance
+    booting with an IP reports its boot phases and a heartbeat of the served release, signed
+    with its token, until all of it was accepted (a report lost to a kill is sent again)."""
+
+    def __init__(self, database_url: str, url: str, secret: bytes) -> None:
+        self._database_url, self._url, self._secret = database_url, url, secret
+        self._task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> ScriptedAgents:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def _run(self) -> None:
+        release = current_release()
+        heartbeat = {"agent_info": {"version": release.version, "build_date": release.build_date,
+                                    "checksum": release.sha256}, "engine": {"state": "running"}}
+        reported: set[uuid.UUID] = set()
+        conn = await asyncpg.connect(asyncpg_dsn(self._database_url))
+        try:
+            while True:
+                for row in await conn.fetch("SELECT id FROM instances WHERE status = 'booting'"
+                                            " AND ip IS NOT NULL AND NOT id = ANY($1)", list(reported)):
+                    if await self._report(row["id"], heartbeat):
+                        reported.add(row["id"])
+                await asyncio.sleep(0.2)  # the pace of the reports, not a wait for an outcome
+        finally:
+            await conn.close()
+
+    async def _report(self, instance_id: uuid.UUID, heartbeat: dict) -> bool:
+        signer = RequestSigner(agent_token(self._secret, instance_id), str(instance_id))
+        async with httpx.AsyncClient(base_url=self._url, auth=signer, timeout=5) as agent:
+            try:
+                for phase in AGENT_PHASES:
+                    if (await agent.post("/v1/agent/progress", json={"phase": phase})).status_code != 200:
+                        return False
+                return (await agent.post("/v1/agent/heartbeat", json=heartbeat)).status_code == 200
+            except httpx.HTTPError:
+                return False  # the control plane is down: again on the next pass
