@@ -135,9 +135,10 @@ class HeartbeatWriter:
         for indexes in rounds:
             try:
                 rows = await self._statement([beats[n] for n in indexes])
-            except asyncpg.DataError:
+            except asyncpg.DataError as exc:
                 if len(indexes) == 1:
-                    raise
+                    results[indexes[0]] = exc
+                    continue
                 # One heartbeat Postgres refuses must not fail the others: each alone.
                 for n in indexes:
                     try:

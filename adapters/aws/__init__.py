@@ -3,8 +3,9 @@
 What it guarantees: the contract of `adapters.base`. Every boto3 call runs in one of the
 adapter's own `threads` (as many as pooled connections) through one client with botocore's
 `standard` retries (3 retries, so at most 4 attempts, on 5xx, connection errors, timeouts and
-throttling) and connect/read timeouts of `call_timeout` (`CP_PROVIDER_CALL_TIMEOUT_SECONDS`); every SDK exception is mapped to a typed `ProviderError` in one place
-(`_map_error`, in `_errors`). `create` is idempotent twice over: it first looks for a live
+throttling) and connect/read timeouts of `call_timeout` (`CP_PROVIDER_CALL_TIMEOUT_SECONDS`);
+every SDK exception is mapped to a typed `ProviderError` in one place (`_map_error`, in
+`_errors`). `create` is idempotent twice over: it first looks for a live
 instance tagged `cp-instance=<instance id>` (and `cp-cluster`), then for one launched with our
 `ClientToken`; only then does it call RunInstances, with that deterministic `ClientToken`,
 tags on the instance AND its volumes, and an explicit `DeleteOnTermination` on every

@@ -2,8 +2,8 @@
 
 What it guarantees: the contract of `adapters.base`. Ids are `"{zone}/{uuid}"` for servers and
 volumes alike (`zone_of` reads the zone back). Every SDK call runs in one of the adapter's own
-`threads` (as many as pooled connections) through the sync `scaleway` SDK (its `-async` twin blocks the event loop), and every SDK exception is
-mapped to a typed `ProviderError` in one place (`_errors._map_error`), by the JSON `type`
+`threads` (as many as pooled connections) through the sync `scaleway` SDK (its `-async` twin
+blocks the event loop), and every SDK exception is mapped to a typed `ProviderError` in one place (`_errors._map_error`), by the JSON `type`
 first and the HTTP status second; the SDK exception is not chained (it holds the request: auth
 header, user data). Nothing logged or raised contains the secret key or the user data.
 

@@ -75,7 +75,7 @@ SETTINGS = {
     "CP_COMMAND_CLAIM_IDLE_MS": "1000",  # ... and its unacknowledged commands after this
     "CP_LEADER_RETRY_SECONDS": "0.5",
     "CP_WORKER_POLL_SECONDS": "0.5",
-    "CP_AGENT_HEARTBEAT_SECONDS": "1",
+    "CP_AGENT_HEARTBEAT_SECONDS": "2",
     "CP_AGENT_TOKEN_SECRET": "kept-across-restarts",
 }
 
@@ -165,23 +165,23 @@ async def kill_point(rng: random.Random, log: Path, cp: Prestarted, db) -> str:
     """Wait for this round's kill point, drawn at random; what it was."""
     kind = rng.choice(["starting", "listening", "listening", "status", "status"])
     if kind == "starting":
-        delay = rng.uniform(0.05, 1.0)
+        delay = rng.uniform(0.05, 0.8)
         await asyncio.sleep(delay)  # the kill point itself, wherever the start has got to
         return f"{delay:.2f} s into its start"
     await until_listening(log, cp)
     if kind == "listening":
-        delay = rng.uniform(0.0, 2.0)
+        delay = rng.uniform(0.0, 1.2)
         await asyncio.sleep(delay)  # the kill point itself
         return f"{delay:.2f} s after it listened"
     status = rng.choice(["booting", "ready", "terminating", "terminated"])
     seen = await db.fetchval("SELECT coalesce(max(id), 0) FROM instance_state_history")
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 1.5
     while time.monotonic() < deadline:
         if await db.fetchval("SELECT count(*) FROM instance_state_history WHERE id > $1"
                              " AND to_status = $2", seen, status):
             return f"as it moved an instance to {status}"
         await asyncio.sleep(0.02)
-    return f"2 s after it listened (it moved no instance to {status})"
+    return f"1.5 s after it listened (it moved no instance to {status})"
 
 
 async def until_listening(log: Path, cp: Prestarted) -> None:

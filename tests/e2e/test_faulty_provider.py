@@ -56,11 +56,11 @@ no `zone_of`): the one the termination traffic goes through."""
 # Settings, each chosen to keep the test short while every mechanism still acts:
 CALL_TIMEOUT = 2.0
 """`provider_call_timeout_seconds`: bounds each call and its in-call retries. Small, so a slow
-answer costs 2 s, yet well above what moto needs (10-100 ms) on this loaded 2-core machine."""
+answer costs 2 s, yet well above what moto needs (10-100 ms) on this loaded 2-core machine.
+It is also botocore's connect and read timeout."""
 SLOW = CALL_TIMEOUT + 0.25
-"""How long a slow answer is held before the request is forwarded: just beyond the timeout.
-boto3's worker thread waits for it meanwhile (a `hang` would hold that thread for botocore's own
-20 s read timeout, then retry)."""
+"""How long a slow answer is held before the request is forwarded: just beyond the timeout
+(botocore gives up reading it and retries; the late request still reaches moto)."""
 RETRIES = 1
 """`provider_retries`: one in-call retry; botocore below already retries 3 times."""
 MAX_ATTEMPTS = 3
@@ -74,10 +74,8 @@ RESET = 1.0
 """`breaker_reset_seconds`: an open breaker holds calls back briefly, then lets a trial through."""
 POLL = 0.2
 """`worker_poll_seconds`: workers take up instances whose backoff ran out within 0.2 s."""
-CONCURRENCY = 5
-"""`worker_concurrency`: boto3 runs in asyncio's default executor, 6 threads on 2 cores, and
-botocore sleeps its backoffs inside them. With more steps at once than threads, calls queue
-behind a few slow answers and time out on our side without EC2 being slow."""
+CONCURRENCY = 20
+"""`worker_concurrency`: the whole fleet at once (the adapter gets as many threads, plus 8)."""
 BOTOCORE_ATTEMPTS = 4
 """HTTP requests per SDK call: botocore `standard` mode, 3 retries (adapters/aws)."""
 

@@ -1,8 +1,8 @@
 """Several replicas: three `control-plane up` processes share one Postgres and one Redis, and
-replicas are SIGKILLed while 200 creates and 200 terminates flow through the command stream.
+replicas are SIGKILLed while 60 creates and 60 terminates flow through the command stream.
 
 The provider is AWS against moto, through the fault proxy (which counts RunInstances): a real
-provider with machines and volumes to count. No agent boots on the machines (that would be 200
+provider with machines and volumes to count. No agent boots on the machines (that would be 60
 processes), so instances stay `booting` until their terminate arrives; every instance gets one,
 so every instance must end `terminated`. The leader is killed first (found by its
 `cp_leader 1`), at a moment when it holds commands it read and has not applied yet, then a
@@ -61,7 +61,7 @@ from tests.support.prestarted import Prestarted
 
 pytestmark = pytest.mark.usefixtures("aws_env")
 
-INSTANCES = 200
+INSTANCES = 60
 ROUNDS = 10
 """Creates go out in this many rounds; a round's terminates go out with the next round."""
 REPLICAS = 3
